@@ -1,0 +1,1 @@
+"""3D ASPP-ResUNet for multimodal brain tumour segmentation (JAX/Flax)."""

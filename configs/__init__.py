@@ -1,0 +1,1 @@
+"""ml_collections configs: the paper default, the baseline and CPU-sized variants."""

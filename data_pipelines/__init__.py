@@ -1,0 +1,1 @@
+"""Data pipelines: BraTS discovery, validation, preprocessing, synthetic cohort, TFDS, tf.data."""
