@@ -5,7 +5,8 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 import matplotlib
 import numpy as np
 
@@ -15,10 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aspp_resunet import labels as labels_lib  # noqa: E402
 from benchmarks import common  # noqa: E402
-from data_pipelines import (
-  brats,  # noqa: E402
-  synthetic,  # noqa: E402
-)
+from data_pipelines import brats  # noqa: E402
+from data_pipelines import synthetic  # noqa: E402
 
 flags.DEFINE_string('real_dir', '../shared/data/brats18_dev', 'Real BraTS folder.')
 flags.DEFINE_integer('num_synthetic', 22, 'Synthetic cases to generate.')

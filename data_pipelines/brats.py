@@ -6,7 +6,8 @@ import os
 import re
 import zlib
 
-from isal import igzip, isal_zlib
+from isal import igzip
+from isal import isal_zlib
 import nibabel as nib
 import numpy as np
 

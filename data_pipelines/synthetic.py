@@ -6,11 +6,13 @@ import dataclasses
 import os
 import shutil
 
-from absl import app, flags
+from absl import app
+from absl import flags
 import numpy as np
 
 from aspp_resunet import labels as labels_lib
-from data_pipelines import brats, preprocess
+from data_pipelines import brats
+from data_pipelines import preprocess
 
 BRATS_SHAPE = (240, 240, 155)
 CASE_PREFIX = 'SynthBraTS'

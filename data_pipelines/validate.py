@@ -2,7 +2,8 @@
 
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from aspp_resunet import labels as labels_lib
 from data_pipelines import brats

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from aspp_resunet import labels
-from data_pipelines import brats, synthetic
+from data_pipelines import brats
+from data_pipelines import synthetic
 from tests import helpers
 
 BRATS2020 = labels.get_scheme('brats2020')

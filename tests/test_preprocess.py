@@ -5,7 +5,8 @@ import pytest
 import scipy.ndimage
 
 from aspp_resunet import labels
-from data_pipelines import brats, preprocess
+from data_pipelines import brats
+from data_pipelines import preprocess
 
 
 def _loaded(modalities, classes=None, shape=None):

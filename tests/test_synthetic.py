@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from aspp_resunet import labels
-from data_pipelines import brats, synthetic
+from data_pipelines import brats
+from data_pipelines import synthetic
 
 SHAPE = (64, 64, 48)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
