@@ -1,6 +1,5 @@
 """The main job on the embedded default: synthetic cohort -> validation -> preprocessing."""
 
-import os
 import sys
 import time
 
@@ -22,30 +21,15 @@ def _stage(title):
   print(f'\n== {title}', flush=True)
 
 
-def ensure_cohort(data_dir, num_cases, seed):
-  """Generates the synthetic cohort unless `data_dir` already holds it complete and valid."""
-  scheme = labels_lib.get_scheme('brats2020')
-  expected = [synthetic.case_id_for(i) for i in range(num_cases)]
-  if os.path.isdir(data_dir):
-    try:
-      found = [c.case_id for c in brats.discover_cases(data_dir, scheme)]
-    except brats.DataDirError:
-      found = []
-    if found == expected:
-      print(f'{data_dir}: {num_cases} synthetic cases already there, kept')
-      return
-
-  def progress(done, total):
-    print(f'\rgenerating: {done}/{total} cases', end='\n' if done == total else '', flush=True)
-
-  synthetic.generate_cohort(data_dir, num_cases, seed, progress=progress)
-
-
 def main(argv):
   del argv
   started = time.time()
   _stage(f'1. synthetic BraTS cohort ({FLAGS.num_cases} cases) in {FLAGS.data_dir}')
-  ensure_cohort(FLAGS.data_dir, FLAGS.num_cases, FLAGS.seed)
+  def progress(done, total):
+    print(f'\rgenerating: {done}/{total} cases', end='\n' if done == total else '', flush=True)
+
+  if not synthetic.ensure_cohort(FLAGS.data_dir, FLAGS.num_cases, FLAGS.seed, progress=progress):
+    print(f'{FLAGS.data_dir}: {FLAGS.num_cases} synthetic cases already there, kept')
   _stage('2. validation and preprocessing (240x240x155 -> 128^3, min-max)')
   scheme = labels_lib.get_scheme('brats2020')
   options = preprocess.PreprocessOptions()

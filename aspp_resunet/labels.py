@@ -23,6 +23,7 @@ REGION_NAMES = tuple(REGIONS)
 # Channel order of the network input, as in the paper.
 MODALITIES = ('t1', 't1ce', 't2', 'flair')
 SEGMENTATION = 'seg'
+NUM_CHANNELS = len(MODALITIES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 
 from aspp_resunet import labels as labels_lib
+from data_pipelines import brats
 
 NORMALIZATIONS = ('minmax', 'zscore')
 
@@ -164,3 +165,8 @@ def prediction_to_labels(classes, original_shape, crop_start, crop_stop, scheme)
   """A predicted class map at model resolution -> the scheme's file labels in original geometry."""
   return labels_lib.classes_to_labels(
       classes_to_original(classes, original_shape, crop_start, crop_stop), scheme)
+
+
+def load_and_preprocess(case, scheme, options, require_seg=True):
+  """Validates, loads and preprocesses one brats.Case (picklable for worker processes)."""
+  return preprocess_case(brats.load_case(case, scheme, require_seg=require_seg), options)

@@ -3,6 +3,7 @@
 import concurrent.futures
 import csv
 import dataclasses
+import multiprocessing
 import os
 import shutil
 
@@ -273,7 +274,9 @@ def generate_cohort(output_dir, num_cases, seed, shape=BRATS_SHAPE, workers=None
       if progress:
         progress(index + 1, num_cases)
   else:
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # Spawned workers: forking a process that has JAX or TensorFlow threads can deadlock.
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
       futures = {pool.submit(write_case, output_dir, seed, index, shape): index
                  for index in range(num_cases)}
       for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -290,6 +293,29 @@ def generate_cohort(output_dir, num_cases, seed, shape=BRATS_SHAPE, workers=None
       writer.writerow([getattr(summary, field) for field in fields])
   os.replace(temp_path, csv_path)
   return summaries
+
+
+def ensure_cohort(output_dir, num_cases, seed, shape=BRATS_SHAPE, progress=None):
+  """Generates the cohort unless `output_dir` already holds exactly its cases.
+
+  Returns:
+    True if cases were generated, False if the existing cohort was kept.
+  """
+  expected = [case_id_for(i) for i in range(num_cases)]
+  if os.path.isdir(output_dir):
+    try:
+      found = [c.case_id for c in brats.discover_cases(output_dir,
+                                                       labels_lib.get_scheme('brats2020'))]
+    except brats.DataDirError:
+      found = []
+    if found == expected:
+      return False
+    if found:
+      raise brats.DataDirError(
+          f'{output_dir} holds {len(found)} cases, not the {num_cases} synthetic cases asked for; '
+          f'remove it or choose another folder')
+  generate_cohort(output_dir, num_cases, seed, shape, progress=progress)
+  return True
 
 
 def define_flags():

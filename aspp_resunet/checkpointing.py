@@ -1,0 +1,76 @@
+"""Orbax checkpoints in the workdir: the latest few (resume) and the best by validation Dice."""
+
+import logging
+import os
+
+from flax import serialization
+import jax
+import orbax.checkpoint as ocp
+
+LATEST = 'checkpoints'
+BEST = 'best'
+
+
+def _manager(directory, keep):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+      # Synchronous: a save is complete and renamed into place before training goes on, so a
+      # kill at any moment leaves the previous checkpoints intact and the newest one whole.
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Checkpoints:
+  """The workdir's two checkpoint series. Each checkpoint holds the train state (orbax/
+  tensorstore arrays) and a JSON record (epoch, step, validation metrics)."""
+
+  def __init__(self, workdir, keep_latest=3):
+    self._managers = {LATEST: _manager(os.path.join(workdir, LATEST), keep_latest),
+                      BEST: _manager(os.path.join(workdir, BEST), 1)}
+
+  def save(self, which, step, state, record):
+    """Saves `state` (a flax struct) and `record` (JSON-able dict) as step `step` of `which`."""
+    self._managers[which].save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        record=ocp.args.JsonSave(record)), force=True)
+    self._managers[which].wait_until_finished()
+
+  def steps(self, which):
+    manager = self._managers[which]
+    manager.reload()  # what is on disk now (another process may have written)
+    return sorted(manager.all_steps())
+
+  def restore(self, which, template, step=None):
+    """Restores the newest (or `step`) checkpoint of `which` into the structure of `template`.
+
+    A newest checkpoint that cannot be read is reported and the previous one is tried, so a
+    damaged file never silently restarts training from scratch.
+
+    Returns:
+      (state, record), or None when the series is empty.
+
+    Raises:
+      RuntimeError: checkpoints exist but none can be restored.
+    """
+    steps = [step] if step is not None else self.steps(which)[::-1]
+    if not steps:
+      return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      serialization.to_state_dict(template))
+    failures = []
+    for candidate in steps:
+      try:
+        restored = self._managers[which].restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+      except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back
+        logging.warning('checkpoint %s/%d cannot be restored (%s); trying an older one', which,
+                        candidate, ' '.join(str(err).split())[:300])
+        failures.append(candidate)
+        continue
+      state = serialization.from_state_dict(template, restored['state'])
+      return state, dict(restored['record'])
+    raise RuntimeError(f'no {which} checkpoint of {steps} can be restored (all damaged)')
+
+  def close(self):
+    for manager in self._managers.values():
+      manager.close()

@@ -1,0 +1,117 @@
+"""Building blocks: 3D convolution, normalisation factory and the residual block (paper eq. 3-4)."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMS = ('batch', 'group', 'instance')
+# Keras defaults (the paper's framework): running averages with momentum 0.99, epsilon 1e-3.
+BATCH_NORM_MOMENTUM = 0.99
+BATCH_NORM_EPSILON = 1e-3
+GROUP_NORM_GROUPS = 32
+
+
+def live_taps(kernel_size, dilation, input_size):
+  """Offsets (in taps from the centre) of a 'SAME' kernel axis that can read real input.
+
+  With 'SAME' padding an off-centre tap at offset o reads input position p + o * dilation; when
+  |o| * dilation >= input_size that position is outside the volume for every p, so the tap only
+  ever multiplies zero padding and dropping it leaves the result exactly unchanged (the ASPP's
+  rate-12 and rate-18 kernels on an 8^3 map keep only their centre tap).
+  """
+  half = kernel_size // 2
+  return [o for o in range(-half, half + 1) if abs(o) * dilation < input_size]
+
+
+class Conv3D(nn.Module):
+  """3D 'SAME' convolution, stride 1, channels-last; params float32, compute in `dtype`.
+
+  Parameters are named like nn.Conv ('kernel' (k, k, k, in, out), 'bias'), so checkpoints do
+  not depend on how the convolution is computed. Taps that can only read padding are skipped.
+  """
+
+  features: int
+  kernel_size: int = 3
+  dilation: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  # Keras' default (the paper's framework); also compiles far faster on XLA:CPU than the
+  # truncated normal of he_normal (15 s vs 1 s for a small model's init).
+  kernel_init: Any = nn.initializers.glorot_uniform()
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, k, in_features, self.features),
+                        self.param_dtype)
+    spatial = x.shape[1:4]
+    keep = [live_taps(k, self.dilation, size) for size in spatial]
+    # Live taps are symmetric around the centre, so the trimmed kernel is still 'SAME'.
+    kernel = kernel[tuple(slice(t[0] + k // 2, t[-1] + k // 2 + 1) for t in keep)]
+    padding = [(-t[0] * self.dilation, t[-1] * self.dilation) for t in keep]
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if all(len(t) == 1 for t in keep):
+      y = jnp.einsum('bxyzc,cf->bxyzf', x, kernel[0, 0, 0])  # a 1x1x1 conv is a matmul
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1, 1), padding=padding,
+          rhs_dilation=(self.dilation,) * 3,
+          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def make_norm(kind, train, dtype, name):
+  """A normalisation layer: 'batch' (running stats), 'group' (32 groups) or 'instance'."""
+  if kind == 'batch':
+    return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
+                        epsilon=BATCH_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32,
+                        name=name)
+  if kind == 'group':
+    return _GroupNorm(num_groups=GROUP_NORM_GROUPS, dtype=dtype, name=name)
+  if kind == 'instance':
+    return _GroupNorm(num_groups=None, dtype=dtype, name=name)
+  raise ValueError(f'norm must be one of {NORMS}, got {kind!r}')
+
+
+class _GroupNorm(nn.Module):
+  """GroupNorm with min(groups, channels) groups; num_groups=None is instance norm."""
+
+  num_groups: int | None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    groups = channels if self.num_groups is None else int(np.gcd(self.num_groups, channels))
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype,
+                        param_dtype=jnp.float32, name='norm')(x)
+
+
+class ResidualBlock(nn.Module):
+  """y = ReLU(BN(conv3(ReLU(BN(conv3(x))))) + shortcut(x)); shortcut = conv1 + BN if needed."""
+
+  features: int
+  norm: str = 'batch'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = functools.partial(Conv3D, features=self.features, dtype=self.dtype)
+    y = conv(kernel_size=3, name='conv1')(x)
+    y = nn.relu(make_norm(self.norm, train, self.dtype, 'norm1')(y))
+    y = conv(kernel_size=3, name='conv2')(y)
+    y = make_norm(self.norm, train, self.dtype, 'norm2')(y)
+    shortcut = x.astype(self.dtype)
+    if x.shape[-1] != self.features:
+      shortcut = conv(kernel_size=1, name='shortcut_conv')(x)
+      shortcut = make_norm(self.norm, train, self.dtype, 'shortcut_norm')(shortcut)
+    return nn.relu(y + shortcut)

@@ -1,0 +1,237 @@
+"""Tests for the model: shapes, parameter counts, exact conv shortcuts, norm behaviour, dtypes."""
+
+import functools
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aspp_resunet import aspp
+from aspp_resunet import layers
+from aspp_resunet import models
+from configs import default
+
+REPO = __file__.rsplit('/tests/', 1)[0]
+# RngBitGenerator keys: XLA:CPU compiles parameter initialisation ~8x faster than threefry.
+KEY = jax.random.key(0, impl='rbg')
+
+
+def _jit_init(model):
+  return jax.jit(model.init, static_argnames='train')
+
+
+def _jit_apply(model):
+  return jax.jit(model.apply, static_argnames=('train', 'mutable'))
+
+
+def _model(**overrides):
+  config = default.get_config().model
+  config.update(overrides)
+  return models.create_model(config)
+
+
+def _residual_block_params(c_in, c_out):
+  """Two 3x3x3 convs (no bias) + two BN (scale, shift); 1x1x1 conv + BN when channels differ."""
+  count = 27 * c_in * c_out + 2 * c_out + 27 * c_out * c_out + 2 * c_out
+  if c_in != c_out:
+    count += c_in * c_out + 2 * c_out
+  return count
+
+
+def expected_parameters(base=64, depth=4, bridge=1024, aspp_features=256, use_aspp=True,
+                        in_channels=4, classes=4, pool_norm='none'):
+  """SPEC 2 written as a formula."""
+  widths = [base * 2**level for level in range(depth)]
+  total, channels = 0, in_channels
+  for width in widths:
+    total += _residual_block_params(channels, width)
+    channels = width
+  total += _residual_block_params(channels, bridge)
+  channels = bridge
+  if use_aspp:
+    a = aspp_features
+    total += 27 * bridge * a + (2 * a if pool_norm == 'batch' else 0)  # pooling branch
+    total += bridge * a + 2 * a  # 1x1x1
+    total += 3 * (27 * bridge * a + 2 * a)  # three atrous branches
+    total += 5 * a * a + 2 * a  # projection
+    channels = a
+  for width in reversed(widths):
+    total += _residual_block_params(channels + width, width)
+    channels = width
+  return total + channels * classes + classes
+
+
+def test_paper_parameter_counts_match_spec():
+  assert expected_parameters() == 113_773_572
+  assert expected_parameters(pool_norm='batch') == 113_774_084
+  assert expected_parameters(use_aspp=False) == 95_879_684
+
+
+@pytest.mark.parametrize('use_aspp', [True, False])
+@pytest.mark.parametrize('base,pool_norm', [(64, 'none'), (64, 'batch'), (16, 'none'), (8, 'batch')])
+def test_parameter_count_equals_formula(use_aspp, base, pool_norm):
+  bridge, aspp_features = base * 16, base * 4
+  model = _model(base_width=base, bridge_width=bridge, aspp_features=aspp_features,
+                 use_aspp=use_aspp, aspp_pool_norm=pool_norm)
+  variables = models.abstract_variables(model, (128, 128, 128))
+  assert models.count_parameters(variables['params']) == expected_parameters(
+      base=base, bridge=bridge, aspp_features=aspp_features, use_aspp=use_aspp,
+      pool_norm=pool_norm)
+
+
+@pytest.mark.parametrize('size', [(32, 32, 32), (64, 32, 96), (128, 128, 128)])
+@pytest.mark.parametrize('use_aspp', [True, False])
+def test_output_shapes(size, use_aspp):
+  model = _model(base_width=4, bridge_width=64, aspp_features=8, use_aspp=use_aspp)
+  variables = models.abstract_variables(model, size)
+  out = jax.eval_shape(functools.partial(model.apply, train=False), variables,
+                       jax.ShapeDtypeStruct((2, *size, 4), jnp.float32))
+  assert out.shape == (2, *size, 4)
+  assert out.dtype == jnp.float32
+
+
+def test_input_not_divisible_is_refused():
+  model = _model(base_width=4, bridge_width=64, aspp_features=8)
+  with pytest.raises(ValueError, match='divisible by 32'):
+    models.abstract_variables(model, (48, 48, 40))
+
+
+def test_parameter_table_cli():
+  result = subprocess.run([sys.executable, '-m', 'aspp_resunet.models',
+                           '--config=configs/default.py'], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+  assert 'total             113,773,572' in result.stdout
+  assert 'total              95,879,684' in result.stdout
+  assert result.stdout.index('encoder_0') < result.stdout.index('bridge') < \
+      result.stdout.index('aspp') < result.stdout.index('head')
+
+
+@pytest.mark.parametrize('size,kernel,dilation', [((8, 8, 8), 3, 6), ((8, 8, 8), 3, 12),
+                                                  ((8, 8, 8), 3, 18), ((5, 7, 9), 3, 1),
+                                                  ((5, 7, 9), 3, 4), ((4, 4, 4), 5, 1),
+                                                  ((1, 1, 1), 3, 1), ((6, 3, 9), 1, 1)])
+def test_conv3d_equals_reference_lax_convolution(size, kernel, dilation):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, *size, 5)), jnp.float32)
+  conv = layers.Conv3D(7, kernel_size=kernel, dilation=dilation, use_bias=True)
+  variables = conv.init(KEY, x)
+  variables = jax.tree_util.tree_map(
+      lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), variables)
+  half = dilation * (kernel // 2)
+  reference = jax.lax.conv_general_dilated(
+      x, variables['params']['kernel'], (1, 1, 1), [(half, half)] * 3,
+      rhs_dilation=(dilation,) * 3, dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
+      precision=jax.lax.Precision.HIGHEST) + variables['params']['bias']
+  np.testing.assert_allclose(conv.apply(variables, x), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_live_taps():
+  assert layers.live_taps(3, 6, 8) == [-1, 0, 1]
+  assert layers.live_taps(3, 12, 8) == [0]
+  assert layers.live_taps(3, 18, 8) == [0]
+  assert layers.live_taps(3, 1, 1) == [0]
+  assert layers.live_taps(5, 2, 5) == [-2, -1, 0, 1, 2]
+  assert layers.live_taps(5, 2, 4) == [-1, 0, 1]
+
+
+def test_aspp_dilated_branch_equals_reference_lax_call():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((1, 8, 8, 8, 6)), jnp.float32)
+  module = aspp.ASPP3D(features=4, rates=(6, 12, 18))
+  variables = module.init(KEY, x, train=False)
+  for rate in (6, 12, 18):
+    kernel = variables['params'][f'atrous{rate}_conv']['kernel']
+    conv = layers.Conv3D(4, kernel_size=3, dilation=rate)
+    got = conv.apply({'params': {'kernel': kernel}}, x)
+    reference = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), [(rate, rate)] * 3, rhs_dilation=(rate,) * 3,
+        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_stats_update_only_in_training():
+  model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2, aspp_rates=(1, 2, 3))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 16, 4)), jnp.float32)
+  variables = _jit_init(model)(KEY, x, train=False)
+  _, updates = _jit_apply(model)(variables, x, train=True, mutable='batch_stats')
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                   variables['batch_stats'], updates['batch_stats'])
+  assert all(jax.tree_util.tree_leaves(changed))
+  out, unchanged = _jit_apply(model)(variables, x, train=False, mutable='batch_stats')
+  same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)),
+                                variables['batch_stats'], unchanged['batch_stats'])
+  assert all(jax.tree_util.tree_leaves(same))
+  assert out.shape == (2, 16, 16, 16, 4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2, aspp_rates=(1, 2, 3),
+                 dtype='bfloat16')
+  x = jnp.ones((1, 16, 16, 16, 4), jnp.float32)
+  variables = _jit_init(model)(KEY, x, train=False)
+  dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  logits = _jit_apply(model)(variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  # The computation really ran in bfloat16: it differs from float32 compute.
+  reference = _jit_apply(_model(base_width=4, bridge_width=32, aspp_features=8, depth=2,
+                                aspp_rates=(1, 2, 3)))(variables, x, train=False)
+  assert not np.allclose(logits, reference, atol=1e-6)
+  np.testing.assert_allclose(logits, reference, atol=0.25)
+
+
+@pytest.mark.parametrize('norm', ['group', 'instance'])
+def test_group_and_instance_norm_have_no_batch_stats(norm):
+  model = _model(base_width=8, bridge_width=32, aspp_features=8, depth=2, aspp_rates=(1, 2, 3),
+                 norm=norm)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), KEY,
+                             jnp.ones((1, 16, 16, 16, 4)))
+  assert 'batch_stats' not in variables
+
+
+def test_remat_keeps_parameter_tree_and_values():
+  kwargs = dict(base_width=4, bridge_width=32, aspp_features=8, depth=2, aspp_rates=(1, 2, 3))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
+  plain, remat = _model(**kwargs), _model(remat=True, **kwargs)
+  variables = _jit_init(plain)(KEY, x, train=False)
+  remat_variables = jax.eval_shape(functools.partial(remat.init, train=False), KEY, x)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(remat_variables)
+
+  def loss(model, params):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.mean(logits**2)
+
+  grads = jax.jit(jax.grad(functools.partial(loss, plain)))(variables['params'])
+  remat_grads = jax.jit(jax.grad(functools.partial(loss, remat)))(variables['params'])
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pool_batch_norm_warns_when_degenerate():
+  module = aspp.ASPP3D(features=4, rates=(1,), pool_norm='batch')
+  x = jnp.ones((1, 2, 2, 2, 3))
+  variables = module.init(KEY, x, train=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    module.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert any('normalises one value per channel' in str(w.message) for w in caught)
+
+
+def test_transpose_upsampling_runs():
+  model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2, aspp_rates=(1, 2, 3),
+                 upsampling='transpose')
+  variables = _jit_init(model)(KEY, jnp.ones((1, 16, 16, 16, 4)), train=False)
+  assert 'upsample_0' in variables['params']
+  assert _jit_apply(model)(variables, jnp.ones((1, 16, 16, 16, 4)), train=False).shape[-1] == 4
+
+
+def test_unknown_options_are_refused():
+  with pytest.raises(ValueError, match='model.dtype'):
+    _model(dtype='float16')
+  with pytest.raises(ValueError, match='norm must be one of'):
+    layers.make_norm('layer', True, jnp.float32, 'n')

@@ -1,0 +1,156 @@
+"""End-to-end training tests on the tiny config: checkpoints, resume, multi-device, errors."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from aspp_resunet import checkpointing
+from aspp_resunet import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ['default', 'baseline', 'demo', 'demo_baseline', 'test']
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as stream:
+    return [json.loads(line) for line in stream]
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves((state.params, state.batch_stats,
+                                                            state.opt_state))]
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory, data_root):
+  """The tiny config trained for its 2 epochs (12 steps), uninterrupted."""
+  from configs import test as test_config
+
+  config = test_config.get_config()
+  config.data.synthetic_dir = os.path.join(data_root, 'synthetic')
+  config.data.prepared_dir = os.path.join(data_root, 'prepared')
+  config.train.log_every_steps = 1
+  workdir = str(tmp_path_factory.mktemp('full'))
+  summary = train_lib.train_and_evaluate(config, workdir)
+  return config, workdir, summary
+
+
+def test_end_to_end_writes_checkpoints_logs_and_loss_falls(full_run):
+  config, workdir, summary = full_run
+  assert summary['step'] == 12
+  assert sorted(os.listdir(os.path.join(workdir, checkpointing.LATEST))) == ['12', '6']
+  assert len(os.listdir(os.path.join(workdir, checkpointing.BEST))) == 1
+  assert os.path.exists(os.path.join(workdir, train_lib.CONFIG_FILE))
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+  records = _metrics(workdir)
+  train = [r['loss'] for r in records if r['kind'] == 'train']
+  assert len(train) == 12
+  assert np.mean(train[-3:]) < np.mean(train[:3])
+  validation = [r for r in records if r['kind'] == 'validation']
+  assert [r['epoch'] for r in validation] == [1, 2]
+  assert set(validation[0]) >= {'dice_wt', 'dice_tc', 'dice_et', 'dice_mean', 'loss'}
+  assert all(0.0 <= r['dice_mean'] <= 1.0 for r in validation)
+  assert summary['best_dice_mean'] == max(r['dice_mean'] for r in validation)
+
+
+def test_resume_gives_bitwise_identical_parameters(full_run, tmp_path):
+  config, _, summary = full_run
+  workdir = str(tmp_path / 'interrupted')
+  config = config.copy_and_resolve_references()
+  config.train.max_steps = 5  # stops inside the first epoch
+  first = train_lib.train_and_evaluate(config, workdir)
+  assert first['step'] == 5
+  assert os.listdir(os.path.join(workdir, checkpointing.LATEST)) == ['5']
+  config.train.max_steps = -1
+  resumed = train_lib.train_and_evaluate(config, workdir)
+  assert resumed['step'] == 12
+  for a, b in zip(_leaves(summary['state']), _leaves(resumed['state'])):
+    np.testing.assert_array_equal(a, b)
+  steps = [r['step'] for r in _metrics(workdir) if r['kind'] == 'train']
+  assert steps == list(range(1, 13))  # no duplicated or missing log records
+
+
+def test_rerun_of_finished_workdir_does_nothing(full_run):
+  config, workdir, summary = full_run
+  again = train_lib.train_and_evaluate(config, workdir)
+  assert again['step'] == 12
+  for a, b in zip(_leaves(summary['state']), _leaves(again['state'])):
+    np.testing.assert_array_equal(a, b)
+
+
+def _train_cli(workdir, config, *overrides, devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/test.py', f'--workdir={workdir}',
+       f'--config.data.synthetic_dir={config.data.synthetic_dir}',
+       f'--config.data.prepared_dir={config.data.prepared_dir}', *overrides],
+      cwd=REPO, capture_output=True, text=True, env=env, check=False)
+
+
+def test_one_and_four_devices_give_the_same_loss_curve(tiny_config, tmp_path):
+  overrides = ['--config.train.batch_size=4', '--config.train.num_epochs=3',
+               '--config.train.log_every_steps=1']
+  curves = []
+  for devices in (1, 4):
+    workdir = str(tmp_path / f'devices{devices}')
+    result = _train_cli(workdir, tiny_config, *overrides, devices=devices)
+    assert result.returncode == 0, result.stderr[-2000:]
+    curves.append([r['loss'] for r in _metrics(workdir) if r['kind'] == 'train'])
+  assert len(curves[0]) == 3
+  np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+
+
+def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
+  result = _train_cli(str(tmp_path / 'w'), tiny_config, '--config.train.batch_size=3',
+                      devices=2)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: train.batch_size=3 must be a positive multiple of the 2 devices (each device '
+      'takes an equal share)')
+
+
+def test_unknown_config_field_is_refused(tiny_config, tmp_path):
+  result = _train_cli(str(tmp_path / 'w'), tiny_config, '--config.model.widht=3')
+  assert result.returncode != 0
+  assert 'widht' in result.stderr
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_non_finite_loss_stops_with_step_and_cases(tiny_config, tmp_path):
+  tiny_config.train.learning_rate = 1e38
+  with pytest.raises(train_lib.TrainingError) as info:
+    train_lib.train_and_evaluate(tiny_config, str(tmp_path / 'w'))
+  message = str(info.value)
+  assert message.startswith('non-finite training loss (')
+  assert 'batch cases: SynthBraTS_' in message
+  assert '\n' not in message
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_files_load(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.train.optimizer == 'adam'
+  assert len(config.data.image_size) == 3
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.model.widht = 3
+
+
+def test_paper_config_is_the_papers():
+  from configs import baseline
+  from configs import default
+
+  config = default.get_config()
+  assert tuple(config.data.image_size) == (128, 128, 128)
+  assert (config.model.base_width, config.model.depth, config.model.bridge_width) == (64, 4, 1024)
+  assert (config.model.aspp_features, tuple(config.model.aspp_rates)) == (256, (6, 12, 18))
+  assert (config.train.learning_rate, config.train.batch_size, config.train.num_epochs,
+          config.train.loss) == (1e-4, 1, 120, 'ce')
+  assert config.model.use_aspp and not baseline.get_config().model.use_aspp
