@@ -1,4 +1,4 @@
-"""Train the (ASPP-)ResUNet: python train.py --config=configs/NAME.py --workdir=DIR [--config.x=y]."""
+"""Train: python train.py --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE ...]."""
 
 import sys
 

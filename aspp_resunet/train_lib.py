@@ -1,4 +1,4 @@
-"""Training and per-epoch validation of the (ASPP-)ResUNet: data-parallel, checkpointed, resumable."""
+"""Training and per-epoch validation of the (ASPP-)ResUNet: data-parallel, checkpointed."""
 
 import functools
 import json

@@ -26,8 +26,8 @@ def _augment(example, seed, data_config):
   seeds = tf.random.experimental.stateless_split(seed, num=3)
   flips = tf.random.stateless_uniform((3,), seeds[0]) < 0.5
   for axis in data_config.flip_axes:
-    image = tf.cond(flips[axis], lambda a=axis: tf.reverse(image, [a]), lambda: image)
-    label = tf.cond(flips[axis], lambda a=axis: tf.reverse(label, [a]), lambda: label)
+    image = tf.cond(flips[axis], lambda a=axis, x=image: tf.reverse(x, [a]), lambda x=image: x)
+    label = tf.cond(flips[axis], lambda a=axis, y=label: tf.reverse(y, [a]), lambda y=label: y)
   channels = image.shape[-1]
   scale = 1.0 + tf.random.stateless_uniform(
       (channels,), seeds[1], -data_config.intensity_scale, data_config.intensity_scale)

@@ -72,7 +72,8 @@ def test_paper_parameter_counts_match_spec():
 
 
 @pytest.mark.parametrize('use_aspp', [True, False])
-@pytest.mark.parametrize('base,pool_norm', [(64, 'none'), (64, 'batch'), (16, 'none'), (8, 'batch')])
+@pytest.mark.parametrize('base,pool_norm',
+                         [(64, 'none'), (64, 'batch'), (16, 'none'), (8, 'batch')])
 def test_parameter_count_equals_formula(use_aspp, base, pool_norm):
   bridge, aspp_features = base * 16, base * 4
   model = _model(base_width=base, bridge_width=bridge, aspp_features=aspp_features,
