@@ -69,7 +69,8 @@ class Checkpoints:
         continue
       state = serialization.from_state_dict(template, restored['state'])
       return state, dict(restored['record'])
-    raise RuntimeError(f'no {which} checkpoint of {steps} can be restored (all damaged)')
+    raise RuntimeError(f'no {which} checkpoint of steps {steps} can be restored: damaged, or '
+                       f'saved by a different model configuration')
 
   def close(self):
     for manager in self._managers.values():

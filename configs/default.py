@@ -62,4 +62,9 @@ def get_config():
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.checkpoint = 'best'  # 'best' (by mean validation Dice) | 'latest'
   evaluation.hd95 = 'pooled'  # 'pooled' (medpy hd95) | 'max_directed'
+  evaluation.mode = 'whole'  # 'whole' volume (paper) | 'sliding_window' (patch-trained models)
+  evaluation.window = ()  # sliding-window size; () = data.image_size
+  evaluation.overlap = 0.5  # sliding-window overlap fraction
+  evaluation.mirror = False  # test-time augmentation: average over the 8 axis flips
+  evaluation.bootstrap_seed = 0  # seed of the paired bootstrap CI
   return config

@@ -1,0 +1,85 @@
+"""Segment new patients: writes OUT/<case>.nii.gz in the original geometry."""
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from aspp_resunet import eval_lib
+from aspp_resunet import labels
+from data_pipelines import brats
+from data_pipelines import preprocess
+
+
+def predict_folder(workdir, input_dir, output_dir, which='best', scheme_name=None, mirror=None,
+                   out=sys.stdout):
+  """Writes OUT/<case>.nii.gz for every valid case folder of `input_dir`.
+
+  Segmentations are not needed. Each output has the input's shape, affine and header spacing
+  and the scheme's labels (uint8); it is written atomically. Bad cases are reported one line
+  each and skipped.
+
+  Returns:
+    (number written, list of CaseError for the cases skipped).
+  """
+  config = eval_lib.load_workdir_config(workdir)
+  if mirror is not None:
+    config.eval.mirror = mirror
+  scheme = labels.get_scheme(scheme_name or config.data.scheme)
+  options = preprocess.PreprocessOptions(
+      image_size=tuple(config.data.image_size), normalization=config.data.normalization,
+      crop_to_brain=config.data.crop_to_brain)
+  model, variables, _ = eval_lib.restore_model(config, workdir, which)
+  predict = eval_lib.predictor(model, config)
+  os.makedirs(output_dir, exist_ok=True)
+  written, failures = 0, []
+  for case in brats.discover_cases(input_dir, scheme):
+    started = time.time()
+    try:
+      loaded = brats.load_case(case, scheme, require_seg=False, read_seg=False)
+      prepared = preprocess.preprocess_case(loaded, options)
+    except brats.CaseError as err:
+      failures.append(err)
+      print(err, file=out, flush=True)
+      continue
+    classes, _ = predict(variables, prepared.image[None])
+    file_labels = preprocess.prediction_to_labels(
+        np.asarray(jax.device_get(classes))[0], prepared.original_shape, prepared.crop_start,
+        prepared.crop_stop, scheme)
+    path = os.path.join(output_dir, f'{case.case_id}.nii.gz')
+    brats.write_nifti(path, file_labels.astype(np.uint8), loaded.affine, header=loaded.header)
+    written += 1
+    print(f'{case.case_id}: {path} ({time.time() - started:.1f} s)', file=out, flush=True)
+  return written, failures
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  flags_ = flags.FLAGS
+  try:
+    written, failures = predict_folder(flags_.workdir, flags_.input_dir, flags_.output_dir,
+                                       flags_.checkpoint, flags_.scheme, flags_.mirror)
+  except (eval_lib.EvaluationError, brats.DataDirError, ValueError) as err:
+    print(f'error: {err}', file=sys.stderr)
+    return 1
+  print(f'wrote {written} segmentation(s) to {flags_.output_dir}' +
+        (f'; {len(failures)} case(s) skipped' if failures else ''))
+  return 1 if failures else 0
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Training workdir (its config.json and checkpoints).')
+  flags.DEFINE_string('input_dir', None, 'Folder of case folders (segmentations optional).')
+  flags.DEFINE_string('output_dir', None, 'Where <case>.nii.gz are written.')
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+  flags.DEFINE_string('scheme', None, 'Naming scheme of input_dir (default: the training one).')
+  flags.DEFINE_bool('mirror', None, 'Mirroring test-time augmentation (default: config).')
+  flags.mark_flags_as_required(['workdir', 'input_dir', 'output_dir'])
+  app.run(lambda argv: sys.exit(main(argv)))
