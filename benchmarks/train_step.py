@@ -1,0 +1,75 @@
+"""Training step time and memory of a config on this machine (random data, after compilation)."""
+
+import functools
+import os
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import labels  # noqa: E402
+from aspp_resunet import models  # noqa: E402
+from aspp_resunet import train_lib  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Configuration to time.')
+flags.DEFINE_integer('steps', 3, 'Timed steps after the compiling one.')
+flags.DEFINE_string('output', None, 'Result JSON (default benchmarks/results/train_step_<name>).')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  model = models.create_model(config.model)
+  state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
+  batch_size = config.train.batch_size
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.random((batch_size, *config.data.image_size,
+                                            labels.NUM_CHANNELS), np.float32)),
+           'label': jnp.asarray(rng.integers(0, 4, (batch_size, *config.data.image_size)),
+                                jnp.int32),
+           'mask': jnp.ones((batch_size,), jnp.float32)}
+  step = jax.jit(functools.partial(train_lib.train_step, loss_name=config.train.loss),
+                 donate_argnums=(0,))
+  started = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - started
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  memory = compiled.memory_analysis()
+  times = []
+  for _ in range(FLAGS.steps + 1):
+    started = time.perf_counter()
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out['loss'])
+    times.append(time.perf_counter() - started)
+  step_seconds = float(np.median(times[1:])) if len(times) > 1 else times[0]
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  figures = {
+      'image_size': list(config.data.image_size), 'batch_size': batch_size,
+      'parameters': models.count_parameters(state.params), 'compile_seconds': compile_seconds,
+      'step_seconds_median': step_seconds, 'step_seconds_all': times,
+      'xla_flops_per_step': flops, 'achieved_gflops': flops / step_seconds / 1e9,
+      'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
+      'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
+      'peak_rss_gib': peak_rss}
+  for key, value in figures.items():
+    print(f'{key:22s} {value}')
+  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+      flags.FLAGS['config'])))[0]
+  output = FLAGS.output or f'benchmarks/results/train_step_{name}.json'
+  common.write_result(output, figures)
+  print(f'wrote {output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
