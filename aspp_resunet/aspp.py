@@ -26,6 +26,7 @@ class ASPP3D(nn.Module):
   norm: str = 'batch'
   pool_norm: str = 'none'
   dtype: Any = jnp.float32
+  bn_momentum: float = layers.BATCH_NORM_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train):
@@ -35,7 +36,8 @@ class ASPP3D(nn.Module):
     def conv_norm_relu(inputs, kernel_size, dilation, name):
       y = layers.Conv3D(self.features, kernel_size=kernel_size, dilation=dilation,
                         dtype=self.dtype, name=f'{name}_conv')(inputs)
-      return nn.relu(layers.make_norm(self.norm, train, self.dtype, f'{name}_norm')(y))
+      return nn.relu(layers.make_norm(self.norm, train, self.dtype, f'{name}_norm',
+                                      momentum=self.bn_momentum)(y))
 
     spatial = x.shape[1:4]
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3), keepdims=True).astype(self.dtype)

@@ -69,10 +69,10 @@ class Conv3D(nn.Module):
     return y
 
 
-def make_norm(kind, train, dtype, name):
+def make_norm(kind, train, dtype, name, momentum=BATCH_NORM_MOMENTUM):
   """A normalisation layer: 'batch' (running stats), 'group' (32 groups) or 'instance'."""
   if kind == 'batch':
-    return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum,
                         epsilon=BATCH_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32,
                         name=name)
   if kind == 'group':
@@ -102,16 +102,18 @@ class ResidualBlock(nn.Module):
   features: int
   norm: str = 'batch'
   dtype: Any = jnp.float32
+  bn_momentum: float = BATCH_NORM_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(Conv3D, features=self.features, dtype=self.dtype)
+    norm = functools.partial(make_norm, self.norm, train, self.dtype, momentum=self.bn_momentum)
     y = conv(kernel_size=3, name='conv1')(x)
-    y = nn.relu(make_norm(self.norm, train, self.dtype, 'norm1')(y))
+    y = nn.relu(norm('norm1')(y))
     y = conv(kernel_size=3, name='conv2')(y)
-    y = make_norm(self.norm, train, self.dtype, 'norm2')(y)
+    y = norm('norm2')(y)
     shortcut = x.astype(self.dtype)
     if x.shape[-1] != self.features:
       shortcut = conv(kernel_size=1, name='shortcut_conv')(x)
-      shortcut = make_norm(self.norm, train, self.dtype, 'shortcut_norm')(shortcut)
+      shortcut = norm('shortcut_norm')(shortcut)
     return nn.relu(y + shortcut)

@@ -42,6 +42,7 @@ class ResUNet3D(nn.Module):
   aspp_pool_norm: str = 'none'
   upsampling: str = 'nearest'
   norm: str = 'batch'
+  bn_momentum: float = layers.BATCH_NORM_MOMENTUM
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -57,7 +58,8 @@ class ResUNet3D(nn.Module):
     if self.remat:
       # Recompute block activations in the backward pass; `train` (arg 2) is static.
       block = nn.remat(layers.ResidualBlock, static_argnums=(2,))
-    block = functools.partial(block, norm=self.norm, dtype=self.dtype)
+    block = functools.partial(block, norm=self.norm, dtype=self.dtype,
+                              bn_momentum=self.bn_momentum)
     pool = functools.partial(nn.max_pool, window_shape=(2, 2, 2), strides=(2, 2, 2))
 
     skips = []
@@ -69,7 +71,7 @@ class ResUNet3D(nn.Module):
     if self.use_aspp:
       x = aspp_lib.ASPP3D(features=self.aspp_features, rates=tuple(self.aspp_rates),
                           norm=self.norm, pool_norm=self.aspp_pool_norm, dtype=self.dtype,
-                          name='aspp')(x, train)
+                          bn_momentum=self.bn_momentum, name='aspp')(x, train)
     for level in reversed(range(self.depth)):
       features = self.base_width * 2**level
       if self.upsampling == 'nearest':
@@ -94,7 +96,8 @@ def create_model(model_config):
       use_aspp=model_config.use_aspp, aspp_features=model_config.aspp_features,
       aspp_rates=tuple(model_config.aspp_rates), aspp_pool_norm=model_config.aspp_pool_norm,
       upsampling=model_config.upsampling, norm=model_config.norm,
-      dtype=DTYPES[model_config.dtype], remat=model_config.remat)
+      bn_momentum=model_config.bn_momentum, dtype=DTYPES[model_config.dtype],
+      remat=model_config.remat)
 
 
 def abstract_variables(model, image_size, in_channels=labels.NUM_CHANNELS):

@@ -45,6 +45,7 @@ def get_config():
   model.aspp_pool_norm = 'none'  # 'none' (default, see SPEC 2) | 'batch' (paper's form)
   model.upsampling = 'nearest'  # decoder x2 upsampling: 'nearest' | 'transpose'
   model.norm = 'batch'  # 'batch' (paper) | 'group' | 'instance'
+  model.bn_momentum = 0.99  # BatchNorm running-average momentum (Keras default, the paper's)
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   model.remat = False  # recompute residual-block activations in the backward pass
 

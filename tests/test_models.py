@@ -236,3 +236,19 @@ def test_unknown_options_are_refused():
     _model(dtype='float16')
   with pytest.raises(ValueError, match='norm must be one of'):
     layers.make_norm('layer', True, jnp.float32, 'n')
+
+
+@pytest.mark.parametrize('momentum', [0.99, 0.9])
+def test_bn_momentum_sets_the_running_average_update(momentum):
+  block = layers.ResidualBlock(features=3, bn_momentum=momentum)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4, 4, 3)), jnp.float32)
+  variables = block.init(KEY, x, train=False)
+  _, updates = jax.jit(functools.partial(block.apply, train=True, mutable='batch_stats'))(
+      variables, x)
+  # norm1 normalises conv1's output; its batch mean moved the running mean (from 0) by 1 - m.
+  conv1 = jax.lax.conv_general_dilated(
+      x, variables['params']['conv1']['kernel'], (1, 1, 1), 'SAME',
+      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+  expected = (1 - momentum) * conv1.mean(axis=(0, 1, 2, 3))
+  np.testing.assert_allclose(updates['batch_stats']['norm1']['mean'], expected, rtol=1e-3,
+                             atol=1e-5)
