@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 
 from flax import serialization
 import jax
@@ -9,11 +10,26 @@ import orbax.checkpoint as ocp
 
 LATEST = 'checkpoints'
 BEST = 'best'
+_TMP_MARKER = '.orbax-checkpoint-tmp'
+
+
+def _remove_partial_saves(directory):
+  """Deletes the temporary folders of saves that were interrupted (never read by a restore).
+
+  Done here, synchronously, rather than by orbax's `cleanup_tmp_directories`, whose background
+  thread can outlive a short-lived process and fail at interpreter shutdown.
+  """
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if _TMP_MARKER in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def _manager(directory, keep):
+  _remove_partial_saves(directory)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+      max_to_keep=keep, create=True, cleanup_tmp_directories=False,
       # Synchronous: a save is complete and renamed into place before training goes on, so a
       # kill at any moment leaves the previous checkpoints intact and the newest one whole.
       enable_async_checkpointing=False)

@@ -134,8 +134,9 @@ def test_eval_without_checkpoint_is_a_clear_error(trained, tmp_path):
   (empty / train_lib.CONFIG_FILE).write_text(config.to_json())
   result = _eval_cli(config, str(empty))
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert result.stderr.strip().splitlines()[-1].startswith('error: '), result.stderr[-3000:]
   assert 'no best checkpoint' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def test_predict_writes_original_geometry_and_scheme_labels(trained, tmp_path):
