@@ -9,11 +9,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from aspp_resunet import checkpointing
 from aspp_resunet import eval_lib
 from aspp_resunet import labels
 from aspp_resunet import train_lib
 from configs import demo as demo_config
 from configs import demo_baseline as demo_baseline_config
+from data_pipelines import input_pipeline
 from data_pipelines import synthetic
 
 flags.DEFINE_string('run_dir', 'runs/demo', 'Where both runs, their evaluation and the report go.')
@@ -46,14 +48,13 @@ def demo_configs(num_epochs=None, num_cases=None, data_root=None):
   return tuple(configs)
 
 
-def _finished(workdir, config):
+def _finished(workdir, config, builder):
   """Whether a workdir's latest checkpoint is at the configured final step."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = os.path.join(workdir, checkpointing.LATEST)
   if not os.path.isdir(directory):
     return False
   steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-  builder = train_lib.prepare_dataset(config.data)
-  per_epoch = builder.info.splits['train'].num_examples // config.train.batch_size
+  per_epoch = input_pipeline.steps_per_epoch(builder, config.train.batch_size)
   return bool(steps) and max(steps) >= per_epoch * config.train.num_epochs
 
 
@@ -86,7 +87,7 @@ def run(run_dir, aspp_config, baseline_config):
   for number, (name, config) in ((3, ('baseline', baseline_config)), (4, ('aspp', aspp_config))):
     _stage(number, f' ({config.train.num_epochs} epochs, {workdirs[name]})')
     stage_started = time.time()
-    if _finished(workdirs[name], config):
+    if _finished(workdirs[name], config, builder):
       print('already trained, kept')
     else:
       summary = train_lib.train_and_evaluate(config, workdirs[name])
