@@ -27,6 +27,7 @@ class ASPP3D(nn.Module):
   pool_norm: str = 'none'
   dtype: Any = jnp.float32
   bn_momentum: float = layers.BATCH_NORM_MOMENTUM
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train):
@@ -35,7 +36,7 @@ class ASPP3D(nn.Module):
 
     def conv_norm_relu(inputs, kernel_size, dilation, name):
       y = layers.Conv3D(self.features, kernel_size=kernel_size, dilation=dilation,
-                        dtype=self.dtype, name=f'{name}_conv')(inputs)
+                        dtype=self.dtype, conv_impl=self.conv_impl, name=f'{name}_conv')(inputs)
       return nn.relu(layers.make_norm(self.norm, train, self.dtype, f'{name}_norm',
                                       momentum=self.bn_momentum)(y))
 
@@ -51,7 +52,7 @@ class ASPP3D(nn.Module):
     else:
       # No bias either (SPEC 2's parameter count): the branch is conv -> ReLU on the pooled map.
       pooled = layers.Conv3D(self.features, kernel_size=3, dtype=self.dtype,
-                             name='pool_conv')(pooled)
+                             conv_impl=self.conv_impl, name='pool_conv')(pooled)
       pooled = nn.relu(pooled)
     branches = [jnp.broadcast_to(pooled, pooled.shape[:1] + spatial + pooled.shape[-1:])]
     branches.append(conv_norm_relu(x, 1, 1, 'conv1x1'))

@@ -45,6 +45,7 @@ class ResUNet3D(nn.Module):
   bn_momentum: float = layers.BATCH_NORM_MOMENTUM
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train):
@@ -59,7 +60,7 @@ class ResUNet3D(nn.Module):
       # Recompute block activations in the backward pass; `train` (arg 2) is static.
       block = nn.remat(layers.ResidualBlock, static_argnums=(2,))
     block = functools.partial(block, norm=self.norm, dtype=self.dtype,
-                              bn_momentum=self.bn_momentum)
+                              bn_momentum=self.bn_momentum, conv_impl=self.conv_impl)
     pool = functools.partial(nn.max_pool, window_shape=(2, 2, 2), strides=(2, 2, 2))
 
     skips = []
@@ -71,7 +72,8 @@ class ResUNet3D(nn.Module):
     if self.use_aspp:
       x = aspp_lib.ASPP3D(features=self.aspp_features, rates=tuple(self.aspp_rates),
                           norm=self.norm, pool_norm=self.aspp_pool_norm, dtype=self.dtype,
-                          bn_momentum=self.bn_momentum, name='aspp')(x, train)
+                          bn_momentum=self.bn_momentum, conv_impl=self.conv_impl,
+                          name='aspp')(x, train)
     for level in reversed(range(self.depth)):
       features = self.base_width * 2**level
       if self.upsampling == 'nearest':
@@ -88,6 +90,7 @@ class ResUNet3D(nn.Module):
 
 def create_model(model_config):
   """Builds a ResUNet3D from the `config.model` section."""
+  layers.resolve_conv_impl(model_config.get('conv_impl', 'auto'))  # fail early on a typo
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
   return ResUNet3D(
@@ -97,7 +100,7 @@ def create_model(model_config):
       aspp_rates=tuple(model_config.aspp_rates), aspp_pool_norm=model_config.aspp_pool_norm,
       upsampling=model_config.upsampling, norm=model_config.norm,
       bn_momentum=model_config.bn_momentum, dtype=DTYPES[model_config.dtype],
-      remat=model_config.remat)
+      remat=model_config.remat, conv_impl=model_config.get('conv_impl', 'auto'))
 
 
 def abstract_variables(model, image_size, in_channels=labels.NUM_CHANNELS):

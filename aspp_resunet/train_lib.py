@@ -54,16 +54,35 @@ def make_mesh():
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
-def make_optimizer(train_config):
+SCHEDULES = ('constant', 'cosine')
+
+
+def learning_rate_schedule(train_config, total_steps):
+  """`train.schedule`: 'constant' (paper) or linear warm-up then cosine decay to 0 at the end."""
+  base = float(train_config.learning_rate)
+  # Workdirs trained before schedules existed have no `schedule` field: they were constant.
+  if train_config.get('schedule', 'constant') == 'constant':
+    return base  # a float, not a schedule: the optimizer state has no step counter
+  warmup = min(int(train_config.warmup_steps), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else base, peak_value=base, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(train_config, total_steps):
   if train_config.optimizer != 'adam':
     raise TrainingError(f"train.optimizer must be 'adam', got {train_config.optimizer!r}")
-  return optax.adam(train_config.learning_rate)
+  return optax.adam(learning_rate_schedule(train_config, total_steps))
 
 
-def create_train_state(config, model, rng):
-  """Initialises parameters (float32) and the optimizer state, replicated over the mesh."""
+def create_train_state(config, model, rng, total_steps=1):
+  """Initialises parameters (float32) and the optimizer state, replicated over the mesh.
+
+  `total_steps` only sets the length of a decaying learning-rate schedule; a template for
+  restoring a checkpoint can leave it at 1.
+  """
   sample = jnp.zeros((1, *config.data.image_size, labels.NUM_CHANNELS), jnp.float32)
-  tx = make_optimizer(config.train)
+  tx = make_optimizer(config.train, total_steps)
 
   def init(rng):
     variables = model.init(rng, sample, train=False)
@@ -142,6 +161,9 @@ def check_config(config):
   if config.train.batch_size < 1 or config.train.batch_size % devices:
     raise TrainingError(f'train.batch_size={config.train.batch_size} must be a positive multiple '
                         f'of the {devices} devices (each device takes an equal share)')
+  if config.train.schedule not in SCHEDULES:
+    raise TrainingError(f'train.schedule must be one of {SCHEDULES}, got '
+                        f'{config.train.schedule!r}')
   if config.train.loss not in losses.LOSSES:
     raise TrainingError(f'train.loss must be one of {losses.LOSSES}, got {config.train.loss!r}')
   factor = 2**(config.model.depth + 1)
@@ -250,6 +272,7 @@ def train_and_evaluate(config, workdir):
     raise TrainingError(f'{builder.info.splits["train"].num_examples} training cases are fewer '
                         f'than the batch size {global_batch}')
   total_steps = steps_per_epoch * config.train.num_epochs
+  schedule = learning_rate_schedule(config.train, total_steps)
   mesh = make_mesh()
   sharder = _Sharder(mesh)
   eval_batch = math.ceil(config.train.eval_batch_size / jax.device_count()) * jax.device_count()
@@ -257,7 +280,7 @@ def train_and_evaluate(config, workdir):
   model = models.create_model(config.model)
   # RngBitGenerator keys: XLA:CPU compiles the parameter initialisation in 2 s instead of 15 s
   # with threefry. Values are fixed by the seed on a given backend (not across CPU/GPU/TPU).
-  state = create_train_state(config, model, jax.random.key(config.seed, impl='rbg'))
+  state = create_train_state(config, model, jax.random.key(config.seed, impl='rbg'), total_steps)
   checkpoints = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
   restored = checkpoints.restore(checkpointing.LATEST, state)
   best = -1.0
@@ -304,7 +327,7 @@ def train_and_evaluate(config, workdir):
           log.write(step, 'train', epoch + 1, {
               'loss': float(np.mean(window_losses)), 'step_seconds': seconds,
               'volumes_per_second': global_batch / seconds,
-              'learning_rate': float(config.train.learning_rate)})
+              'learning_rate': float(schedule(step - 1) if callable(schedule) else schedule)})
           window_losses, window_started = [], time.time()
         if step >= max_steps and step % steps_per_epoch:
           checkpoints.save(checkpointing.LATEST, step, state,

@@ -48,12 +48,15 @@ def get_config():
   model.bn_momentum = 0.99  # BatchNorm running-average momentum (Keras default, the paper's)
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   model.remat = False  # recompute residual-block activations in the backward pass
+  model.conv_impl = 'auto'  # 3D conv: 'auto' (CPU: 'depth2d', else 'lax') | 'lax' | 'depth2d'
 
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 120  # paper
   train.batch_size = 1  # global batch across all devices and hosts (paper: 1)
   train.optimizer = 'adam'  # optax optimizer (paper: Adam)
-  train.learning_rate = 1e-4  # constant (paper)
+  train.learning_rate = 1e-4  # peak learning rate (paper: 1e-4, constant)
+  train.schedule = 'constant'  # 'constant' (paper) | 'cosine' (warm-up, cosine decay to 0)
+  train.warmup_steps = 0  # linear warm-up steps of the 'cosine' schedule
   train.loss = 'ce'  # 'ce' (paper, no class weights) | 'dice' (soft Dice) | 'ce_dice'
   train.eval_batch_size = 1  # validation batch (padded to a multiple of the device count)
   train.keep_checkpoints = 3  # latest checkpoints kept besides the best one

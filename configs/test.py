@@ -17,6 +17,8 @@ def get_config():
   config.model.aspp_rates = (1, 2, 3)  # dilations that still read real voxels at 4^3
   config.train.num_epochs = 2  # two epochs of 6 steps
   config.train.learning_rate = 1e-3  # fast enough for the loss to fall in 12 steps
+  config.train.schedule = 'cosine'  # the demo's schedule (its step count is in the checkpoint)
+  config.train.warmup_steps = 2  # warm-up steps
   config.train.batch_size = 1  # global batch
   config.train.log_every_steps = 2  # train scalars every N steps
   return config

@@ -3,9 +3,19 @@
 import os
 
 
+def quiet_environment():
+  """Silences TensorFlow's start-up lines; must run before anything imports TensorFlow (clu,
+  TFDS, spawned workers inherit it). oneDNN only changes TF's own matmul/conv rounding, which
+  the data pipeline does not use; turning it off is what removes its start-up message."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+
+quiet_environment()
+
+
 def tensorflow():
   """Imports TensorFlow with GPUs/TPUs hidden from it (JAX owns the accelerators)."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   try:

@@ -123,22 +123,18 @@ class BratsDataset(tfds.core.GeneratorBasedBuilder):
     scheme = labels_lib.get_scheme(config.scheme)
     by_id = {c.case_id: c for c in brats.discover_cases(config.source_dir, scheme)}
     cases = [by_id[case_id] for case_id in case_ids]
-    # Loading and resizing are numpy/gzip work: spread over the cores, in order. Workers are
-    # spawned (not forked from this multi-threaded TensorFlow process) and import no TensorFlow.
-    context = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, 4),
-                                                mp_context=context) as pool:
-      for prepared in pool.map(preprocess.load_and_preprocess, cases, [scheme] * len(cases),
-                               [config.options] * len(cases)):
-        yield prepared.case_id, {
-            'image': prepared.image.astype(config.image_dtype),
-            'label': prepared.classes,
-            'case_id': prepared.case_id,
-            'original_shape': np.asarray(prepared.original_shape, np.int32),
-            'affine': prepared.affine.astype(np.float64),
-            'crop_start': np.asarray(prepared.crop_start, np.int32),
-            'crop_stop': np.asarray(prepared.crop_stop, np.int32),
-        }
+    pool = _worker_pool()
+    for prepared in pool.map(preprocess.load_and_preprocess, cases, [scheme] * len(cases),
+                             [config.options] * len(cases)):
+      yield prepared.case_id, {
+          'image': prepared.image.astype(config.image_dtype),
+          'label': prepared.classes,
+          'case_id': prepared.case_id,
+          'original_shape': np.asarray(prepared.original_shape, np.int32),
+          'affine': prepared.affine.astype(np.float64),
+          'crop_start': np.asarray(prepared.crop_start, np.int32),
+          'crop_stop': np.asarray(prepared.crop_stop, np.int32),
+      }
 
 
 def config_name(source_dir, scheme, options, image_dtype, splits):
@@ -187,6 +183,20 @@ def validate_cases(data_config, source_dir):
   return errors
 
 
+_POOL = []
+
+
+def _worker_pool():
+  """The preparation's process pool, shared by its three splits (a worker takes seconds to
+  start: it imports the main module). Loading and resizing are numpy/gzip work spread over
+  the cores, in order; workers are spawned, not forked from this multi-threaded process."""
+  if not _POOL:
+    context = multiprocessing.get_context('spawn')
+    _POOL.append(concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, 4),
+                                                        mp_context=context))
+  return _POOL[0]
+
+
 def prepare(data_config, source_dir):
   """Builds (once) and returns the prepared dataset builder.
 
@@ -194,6 +204,10 @@ def prepare(data_config, source_dir):
   preparation is never read and a rerun starts it again.
   """
   builder = builder_for(data_config, source_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=source_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=source_dir))
+  finally:
+    while _POOL:
+      _POOL.pop().shutdown(cancel_futures=True)
   return builder

@@ -114,11 +114,14 @@ def test_parameter_table_cli():
 @pytest.mark.parametrize('size,kernel,dilation', [((8, 8, 8), 3, 6), ((8, 8, 8), 3, 12),
                                                   ((8, 8, 8), 3, 18), ((5, 7, 9), 3, 1),
                                                   ((5, 7, 9), 3, 4), ((4, 4, 4), 5, 1),
-                                                  ((1, 1, 1), 3, 1), ((6, 3, 9), 1, 1)])
-def test_conv3d_equals_reference_lax_convolution(size, kernel, dilation):
+                                                  ((1, 1, 1), 3, 1), ((6, 3, 9), 1, 1),
+                                                  ((2, 9, 3), 3, 2), ((7, 4, 5), 5, 3)])
+@pytest.mark.parametrize('conv_impl', layers.CONV_IMPLS)
+def test_conv3d_equals_reference_lax_convolution(size, kernel, dilation, conv_impl):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, *size, 5)), jnp.float32)
-  conv = layers.Conv3D(7, kernel_size=kernel, dilation=dilation, use_bias=True)
+  conv = layers.Conv3D(7, kernel_size=kernel, dilation=dilation, use_bias=True,
+                       conv_impl=conv_impl)
   variables = conv.init(KEY, x)
   variables = jax.tree_util.tree_map(
       lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), variables)
@@ -128,6 +131,64 @@ def test_conv3d_equals_reference_lax_convolution(size, kernel, dilation):
       rhs_dilation=(dilation,) * 3, dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
       precision=jax.lax.Precision.HIGHEST) + variables['params']['bias']
   np.testing.assert_allclose(conv.apply(variables, x), reference, rtol=1e-4, atol=1e-4)
+
+
+def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
+  half = dilation * (kernel.shape[0] // 2)
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1, 1), [(half, half)] * 3, rhs_dilation=(dilation,) * 3,
+      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_depth2d_gradients_equal_lax_on_random_shapes(seed):
+  rng = np.random.default_rng(seed)
+  size = tuple(int(s) for s in rng.integers(1, 10, 3))
+  in_features, out_features = (int(c) for c in rng.integers(1, 9, 2))
+  kernel_size, dilation = int(rng.choice([1, 3, 5])), int(rng.integers(1, 4))
+  x = jnp.asarray(rng.standard_normal((2, *size, in_features)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((kernel_size,) * 3 + (in_features, out_features)),
+                       jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((2, *size, out_features)), jnp.float32)
+  half = dilation * (kernel_size // 2)
+
+  def loss(impl, x, kernel):
+    y = layers.conv3d_same(x, kernel, dilation, [(half, half)] * 3, impl)
+    return jnp.sum(y * cotangent)
+
+  expected = jax.grad(functools.partial(loss, 'lax'), argnums=(0, 1))(x, kernel)
+  got = jax.grad(functools.partial(loss, 'depth2d'), argnums=(0, 1))(x, kernel)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
+
+
+def test_depth2d_bfloat16_matches_float32_reference():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 8)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 4)) * 0.2, jnp.bfloat16)
+  got = layers.conv3d_same(x, kernel, 2, [(2, 2)] * 3, 'depth2d')
+  assert got.dtype == jnp.bfloat16
+  expected = _reference_conv(x.astype(jnp.float32), kernel.astype(jnp.float32), 2)
+  # bfloat16 keeps 8 significant bits: products summed over 216 taps, relative error ~1e-2.
+  np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_model_output_is_the_same_with_every_conv_impl():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
+  outputs = []
+  for conv_impl in ('lax', 'depth2d'):
+    model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2,
+                   aspp_rates=(1, 2, 3), conv_impl=conv_impl)
+    variables = _jit_init(model)(KEY, x, train=False)
+    outputs.append(_jit_apply(model)(variables, x, train=False))
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
+  assert layers.resolve_conv_impl('auto') == 'depth2d'  # the tests run on CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert layers.resolve_conv_impl('auto') == 'lax'
+  assert layers.resolve_conv_impl('depth2d') == 'depth2d'
 
 
 def test_live_taps():
@@ -236,6 +297,8 @@ def test_unknown_options_are_refused():
     _model(dtype='float16')
   with pytest.raises(ValueError, match='norm must be one of'):
     layers.make_norm('layer', True, jnp.float32, 'n')
+  with pytest.raises(ValueError, match='conv_impl must be one of'):
+    _model(conv_impl='im2col')
 
 
 @pytest.mark.parametrize('momentum', [0.99, 0.9])

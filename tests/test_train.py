@@ -133,6 +133,35 @@ def test_non_finite_loss_stops_with_step_and_cases(tiny_config, tmp_path):
   assert '\n' not in message
 
 
+def test_cosine_schedule_warms_up_peaks_and_decays_to_zero(tiny_config):
+  tiny_config.train.learning_rate = 2e-3
+  tiny_config.train.warmup_steps = 10
+  schedule = train_lib.learning_rate_schedule(tiny_config.train, total_steps=110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(1e-3)
+  assert float(schedule(10)) == pytest.approx(2e-3)
+  assert float(schedule(60)) == pytest.approx(1e-3)
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-12)
+  tiny_config.train.schedule = 'constant'
+  assert train_lib.learning_rate_schedule(tiny_config.train, total_steps=110) == 2e-3
+
+
+def test_logged_learning_rate_follows_the_schedule(full_run):
+  config, workdir, _ = full_run
+  schedule = train_lib.learning_rate_schedule(config.train, total_steps=12)
+  logged = [(r['step'], r['learning_rate']) for r in _metrics(workdir) if r['kind'] == 'train']
+  assert logged[0] == (1, 0.0)  # the first step runs at warm-up's zero
+  for step, rate in logged:
+    assert rate == pytest.approx(float(schedule(step - 1)))
+
+
+def test_unknown_schedule_is_refused(tiny_config, tmp_path):
+  tiny_config.train.schedule = 'linear'
+  with pytest.raises(train_lib.TrainingError, match="train.schedule must be one of"):
+    train_lib.train_and_evaluate(tiny_config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_files_load(name):
   config = importlib.import_module(f'configs.{name}').get_config()
