@@ -19,7 +19,8 @@ config_flags.DEFINE_config_file('config', None, 'Configuration the workdir was t
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
 flags.DEFINE_enum('split', 'test', ['test', 'validation', 'train'], 'Split to evaluate.')
-flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+flags.DEFINE_enum('checkpoint', None, ['best', 'latest'],
+                  "Which checkpoint (default: the config's eval.checkpoint).")
 flags.DEFINE_string('compare_workdir', None, 'Second workdir (the baseline) for the paired test.')
 flags.DEFINE_string('output_dir', None, 'Output folder (default: WORKDIR/eval/SPLIT).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -32,8 +33,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval', FLAGS.split)
   try:
-    summary = eval_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
-                                output_dir, FLAGS.compare_workdir)
+    summary = eval_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split,
+                                FLAGS.checkpoint or FLAGS.config.eval.checkpoint, output_dir,
+                                FLAGS.compare_workdir)
   except (eval_lib.EvaluationError, stats.CaseMismatchError, brats.DataDirError,
           brats.CaseError, tfds_brats.SplitManifestError, train_lib.TrainingError) as err:
     print(f'error: {err}', file=sys.stderr)

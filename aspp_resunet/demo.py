@@ -97,8 +97,8 @@ def run(run_dir, aspp_config, baseline_config):
   _stage(5)
   stage_started = time.time()
   output_dir = os.path.join(run_dir, 'eval')
-  summary = eval_lib.evaluate(aspp_config, workdirs['aspp'], 'test', 'best', output_dir,
-                              compare_workdir=workdirs['baseline'])
+  summary = eval_lib.evaluate(aspp_config, workdirs['aspp'], 'test', aspp_config.eval.checkpoint,
+                              output_dir, compare_workdir=workdirs['baseline'])
   timings['evaluation'] = time.time() - stage_started
   # The report sits beside the runs, its figures next to it.
   for name in os.listdir(output_dir):

@@ -16,10 +16,11 @@ from data_pipelines import brats
 from data_pipelines import preprocess
 
 
-def predict_folder(workdir, input_dir, output_dir, which='best', scheme_name=None, mirror=None,
+def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None, mirror=None,
                    out=sys.stdout):
   """Writes OUT/<case>.nii.gz for every valid case folder of `input_dir`.
 
+  `which` checkpoint: 'best', 'latest', or None for the workdir config's eval.checkpoint.
   Segmentations are not needed. Each output has the input's shape, affine and header spacing
   and the scheme's labels (uint8); it is written atomically. Bad cases are reported one line
   each and skipped.
@@ -34,7 +35,8 @@ def predict_folder(workdir, input_dir, output_dir, which='best', scheme_name=Non
   options = preprocess.PreprocessOptions(
       image_size=tuple(config.data.image_size), normalization=config.data.normalization,
       crop_to_brain=config.data.crop_to_brain)
-  model, variables, _ = eval_lib.restore_model(config, workdir, which)
+  model, variables, _ = eval_lib.restore_model(
+      config, workdir, which or config.eval.get('checkpoint', 'best'))
   predict = eval_lib.predictor(model, config)
   os.makedirs(output_dir, exist_ok=True)
   written, failures = 0, []
@@ -78,7 +80,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Training workdir (its config.json and checkpoints).')
   flags.DEFINE_string('input_dir', None, 'Folder of case folders (segmentations optional).')
   flags.DEFINE_string('output_dir', None, 'Where <case>.nii.gz are written.')
-  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+  flags.DEFINE_enum('checkpoint', None, ['best', 'latest'],
+                    "Which checkpoint (default: the workdir config's eval.checkpoint).")
   flags.DEFINE_string('scheme', None, 'Naming scheme of input_dir (default: the training one).')
   flags.DEFINE_bool('mirror', None, 'Mirroring test-time augmentation (default: config).')
   flags.mark_flags_as_required(['workdir', 'input_dir', 'output_dir'])

@@ -13,9 +13,12 @@ def get_config():
   """Returns the paper configuration."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # fixes initialisation, data split, data order and augmentation
+  # BraTS-layout folder; '' = the synthetic cohort in data.synthetic_dir. One value with two
+  # names: --config.data_dir=DIR and --config.data.data_dir=DIR set the same field.
+  config.data_dir = ml_collections.FieldReference('')
 
   config.data = data = ml_collections.ConfigDict()
-  data.data_dir = ''  # BraTS-layout folder; '' = the synthetic cohort in data.synthetic_dir
+  data.data_dir = config.get_ref('data_dir')  # the same field as config.data_dir
   data.scheme = 'brats2020'  # file naming: 'brats2020' (labels 0,1,2,4) | 'brats2023' (0,1,2,3)
   data.synthetic_dir = 'data/synthetic'  # where the synthetic cohort is generated if needed
   data.synthetic_cases = 40  # cases generated for the synthetic cohort

@@ -116,6 +116,13 @@ def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
       'takes an equal share)')
 
 
+def test_top_level_data_dir_is_the_data_section_field(tiny_config, tmp_path):
+  missing = tmp_path / 'no_such_brats_folder'
+  result = _train_cli(str(tmp_path / 'w'), tiny_config, f'--config.data_dir={missing}')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == f'error: data dir {missing}: not a directory'
+
+
 def test_unknown_config_field_is_refused(tiny_config, tmp_path):
   result = _train_cli(str(tmp_path / 'w'), tiny_config, '--config.model.widht=3')
   assert result.returncode != 0

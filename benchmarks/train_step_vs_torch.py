@@ -1,0 +1,193 @@
+"""Training step: ours (JAX) vs the PyTorch reference, same shapes, alternating in one process.
+
+python benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=float32
+Prints and writes benchmarks/results/train_step_vs_torch_<config>_<size>_<dtype>.json: median
+step times and their ratio (`step_time_ratio_vs_torch`, ours / theirs), achieved FLOP/s from
+XLA's cost analysis, a GEMM peak measured in the same run, and peak memory (XLA's memory
+analysis, and the max RSS of a separate process per framework running the same steps).
+"""
+
+import functools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import labels  # noqa: E402
+from aspp_resunet import models  # noqa: E402
+from aspp_resunet import train_lib  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Configuration to time.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of both.')
+flags.DEFINE_integer('steps', 3, 'Timed steps per framework after one warm-up step.')
+flags.DEFINE_enum('only', None, ['jax', 'torch'], 'Internal: run one framework (memory).')
+flags.DEFINE_string('output', None, 'Result JSON (default: see module docstring).')
+FLAGS = flags.FLAGS
+
+
+def _batch(config):
+  rng = np.random.default_rng(0)
+  size = tuple(config.data.image_size)
+  image = rng.random((config.train.batch_size, *size, labels.NUM_CHANNELS), np.float32)
+  label = rng.integers(0, labels.NUM_CLASSES, (config.train.batch_size, *size)).astype(np.int32)
+  return image, label
+
+
+def _jax_step(config, image, label):
+  """(run one step -> loss, compiled) for our trainer's train_step."""
+  model = models.create_model(config.model)
+  state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
+  batch = {'image': jnp.asarray(image), 'label': jnp.asarray(label),
+           'mask': jnp.ones((image.shape[0],), jnp.float32)}
+  step = jax.jit(functools.partial(train_lib.train_step, loss_name=config.train.loss),
+                 donate_argnums=(0,))
+  compiled = step.lower(state, batch).compile()
+  holder = [state]
+
+  def run():
+    holder[0], out = compiled(holder[0], batch)
+    return float(out['loss'])
+
+  return run, compiled, models.count_parameters(state.params)
+
+
+def _torch_step(config, image, label, dtype):
+  import torch
+
+  from benchmarks import torch_reference
+
+  torch.manual_seed(0)
+  net = torch_reference.create(config.model)
+  optimizer = torch.optim.Adam(net.parameters(), lr=float(config.train.learning_rate))
+  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 1))).contiguous(
+      memory_format=torch.channels_last_3d)
+  y = torch.from_numpy(label.astype(np.int64))
+  net.train()
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+      logits = net(x)
+    loss = torch_reference.loss_fn(config.train.loss, logits, y, config.model.num_classes)
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+  return run, torch_reference.parameter_count(net), torch.__version__, torch.get_num_threads()
+
+
+def _timed(run):
+  started = time.perf_counter()
+  run()
+  return time.perf_counter() - started
+
+
+def gemm_peak_gflops(dtype, n=2048, repeats=5):
+  """GFLOP/s of a jitted n x n matmul (bf16 inputs accumulate in float32)."""
+  a = jnp.asarray(np.random.default_rng(0).random((n, n)), dtype)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - started)
+  return 2 * n**3 / min(times) / 1e9
+
+
+def _max_rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _memory_of(framework):
+  """Max RSS of a fresh process running the warm-up and timed steps of one framework."""
+  command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
+             f'--dtype={FLAGS.dtype}', f'--steps={FLAGS.steps}',
+             f'--config={config_flags.get_config_filename(FLAGS["config"])}']
+  command += [f'--config.{k}={v}' for k, v in _overrides().items()]
+  result = subprocess.run(command, capture_output=True, text=True, check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])['max_rss_gib']
+
+
+def _overrides():
+  """The --config.* overrides given on the command line (passed on to the memory runs)."""
+  overrides = {}
+  for arg in sys.argv[1:]:
+    if arg.startswith('--config.') and '=' in arg:
+      key, value = arg[len('--config.'):].split('=', 1)
+      overrides[key] = value
+  return overrides
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  config.model.dtype = FLAGS.dtype
+  image, label = _batch(config)
+  if FLAGS.only:
+    run = (_jax_step(config, image, label)[0] if FLAGS.only == 'jax'
+           else _torch_step(config, image, label, FLAGS.dtype)[0])
+    for _ in range(FLAGS.steps + 1):
+      run()
+    print(json.dumps({'max_rss_gib': _max_rss_gib()}))
+    return
+
+  jax_run, compiled, jax_params = _jax_step(config, image, label)
+  torch_run, torch_params, torch_version, torch_threads = _torch_step(config, image, label,
+                                                                      FLAGS.dtype)
+  if jax_params != torch_params:
+    raise SystemExit(f'parameter counts differ: ours {jax_params}, torch {torch_params}')
+  jax_run(), torch_run()  # warm-up (oneDNN picks its kernels on the first call)
+  jax_times, torch_times = [], []
+  for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
+    jax_times.append(_timed(jax_run))
+    torch_times.append(_timed(torch_run))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', float('nan')))
+  memory = compiled.memory_analysis()
+  jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
+  peak = gemm_peak_gflops(jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32)
+  jax_rss, torch_rss = _memory_of('jax'), _memory_of('torch')
+  xla_bytes = sum(getattr(memory, f'{kind}_size_in_bytes', 0) or 0
+                  for kind in ('temp', 'argument', 'output')) - (
+                      getattr(memory, 'alias_size_in_bytes', 0) or 0)
+  figures = {
+      'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+      'image_size': list(config.data.image_size), 'base_width': config.model.base_width,
+      'use_aspp': config.model.use_aspp, 'batch_size': config.train.batch_size,
+      'loss': config.train.loss, 'dtype': FLAGS.dtype,
+      'conv_impl': config.model.conv_impl, 'parameters': jax_params,
+      'torch_version': torch_version, 'torch_threads': torch_threads,
+      'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,
+      'jax_step_seconds_median': jax_seconds, 'torch_step_seconds_median': torch_seconds,
+      'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
+      'xla_flops_per_step': flops, 'jax_achieved_gflops': flops / jax_seconds / 1e9,
+      'torch_achieved_gflops': flops / torch_seconds / 1e9,
+      'gemm_peak_gflops': peak, 'jax_fraction_of_gemm_peak': flops / jax_seconds / 1e9 / peak,
+      'xla_memory_analysis_gib': xla_bytes / 2**30,
+      'jax_max_rss_gib': jax_rss, 'torch_max_rss_gib': torch_rss,
+      'peak_memory_ratio_vs_torch': jax_rss / torch_rss,
+  }
+  for key, value in figures.items():
+    print(f'{key:28s} {value}')
+  size = 'x'.join(map(str, config.data.image_size))
+  output = FLAGS.output or (f'benchmarks/results/train_step_vs_torch_'
+                            f'{figures["config"][:-3]}_{size}_{FLAGS.dtype}.json')
+  common.write_result(output, figures)
+  print(f'wrote {output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
