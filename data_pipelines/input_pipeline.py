@@ -22,7 +22,8 @@ def _options():
 
 def _augment(example, seed, data_config):
   """Random flips (image and label together) and per-channel intensity scale/shift."""
-  image, label = example['image'], example['label']
+  # In float32 whatever the storage dtype (float16 by default): the jitter is float32.
+  image, label = tf.cast(example['image'], tf.float32), example['label']
   seeds = tf.random.experimental.stateless_split(seed, num=3)
   flips = tf.random.stateless_uniform((3,), seeds[0]) < 0.5
   for axis in data_config.flip_axes:

@@ -122,6 +122,23 @@ def test_augmentation_keeps_image_and_label_aligned(builder, tiny_config):
       input_pipeline.train_batches(builder, tiny_config.data, 1, 0, 0)))['image'])
 
 
+def test_augmentation_of_float16_storage(tiny_config):
+  tiny_config.data.image_dtype = 'float16'  # the default storage of every real config
+  tiny_config.data.augment = True
+  tiny_config.data.intensity_scale = 0.1
+  tiny_config.data.intensity_shift = 0.1
+  builder = train_lib.prepare_dataset(tiny_config.data)
+  plain = {b['case_id'][0]: b['image']
+           for b in input_pipeline.train_batches(builder, _plain(tiny_config), 1, 0, 0)}
+  for batch in input_pipeline.train_batches(builder, tiny_config.data, 1, 0, 0):
+    assert batch['image'].dtype == np.float32
+    reference = plain[batch['case_id'][0]]
+    # Scale in [0.9, 1.1] and shift in [-0.1, 0.1] per channel keep min-max data within:
+    assert batch['image'].min() >= reference.min() * 1.1 - 0.1 - 1e-6
+    assert batch['image'].max() <= reference.max() * 1.1 + 0.1 + 1e-6
+    assert not np.array_equal(np.sort(batch['image'].ravel()), np.sort(reference.ravel()))
+
+
 def _plain(config):
   data = config.data.copy_and_resolve_references()
   data.augment = False
