@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aspp_resunet import distributed
 from aspp_resunet import eval_lib
 from aspp_resunet import labels
 from aspp_resunet import stats
@@ -24,6 +25,7 @@ flags.DEFINE_enum('checkpoint', None, ['best', 'latest'],
 flags.DEFINE_string('compare_workdir', None, 'Second workdir (the baseline) for the paired test.')
 flags.DEFINE_string('output_dir', None, 'Output folder (default: WORKDIR/eval/SPLIT).')
 flags.mark_flags_as_required(['config', 'workdir'])
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -33,13 +35,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval', FLAGS.split)
   try:
+    distributed.from_flags()
     summary = eval_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split,
                                 FLAGS.checkpoint or FLAGS.config.eval.checkpoint, output_dir,
                                 FLAGS.compare_workdir)
-  except (eval_lib.EvaluationError, stats.CaseMismatchError, brats.DataDirError,
-          brats.CaseError, tfds_brats.SplitManifestError, train_lib.TrainingError) as err:
+  except (distributed.DistributedError, eval_lib.EvaluationError, stats.CaseMismatchError,
+          brats.DataDirError, brats.CaseError, tfds_brats.SplitManifestError,
+          train_lib.TrainingError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
+  if not train_lib.is_main_process():
+    return 0
   means = ', '.join(f'Dice {r.upper()} {summary["original"][f"dice_{r}"]["mean"]:.4f}'
                     for r in labels.REGION_NAMES)
   print(f'{summary["n_cases"]} {FLAGS.split} cases: {means}; report {output_dir}/report.md')

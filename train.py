@@ -7,6 +7,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aspp_resunet import distributed
 from aspp_resunet import train_lib
 from data_pipelines import brats
 from data_pipelines import tfds_brats
@@ -14,6 +15,7 @@ from data_pipelines import tfds_brats
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the saved config.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -23,11 +25,14 @@ def main(argv):
   # Library INFO logs (orbax writes dozens of lines per checkpoint) drown the progress lines.
   logging.set_verbosity(logging.WARNING)
   try:
+    distributed.from_flags()
     summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train_lib.TrainingError, brats.DataDirError, brats.CaseError,
-          tfds_brats.SplitManifestError) as err:
+  except (distributed.DistributedError, train_lib.TrainingError, brats.DataDirError,
+          brats.CaseError, tfds_brats.SplitManifestError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
+  if not train_lib.is_main_process():
+    return 0
   print(f'trained to step {summary["step"]}; best mean validation Dice '
         f'{summary["best_dice_mean"]:.4f}; workdir {FLAGS.workdir}')
   return 0

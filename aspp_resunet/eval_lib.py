@@ -3,9 +3,11 @@
 import csv
 import json
 import os
+import tempfile
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -45,6 +47,12 @@ def restore_model(config, workdir, which='best'):
   series = {'best': checkpointing.BEST, 'latest': checkpointing.LATEST}
   if which not in series:
     raise EvaluationError(f"checkpoint must be 'best' or 'latest', got {which!r}")
+  # The network and optimizer-state layout are the ones the workdir was trained with (its
+  # config.json), whatever evaluation protocol `config` asks for.
+  if os.path.exists(os.path.join(workdir, train_lib.CONFIG_FILE)):
+    trained = load_workdir_config(workdir)
+    config = ml_collections.ConfigDict({**config.to_dict(), 'model': trained.model.to_dict(),
+                                        'train': trained.train.to_dict()})
   model = models.create_model(config.model)
   template = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
   checkpoints = checkpointing.Checkpoints(workdir)
@@ -84,15 +92,19 @@ def evaluate_split(config, workdir, split='test', which='best', progress=True):
   cases = {c.case_id: c for c in brats.discover_cases(source_dir, scheme)}
   hd95_mode = config.eval.hd95
   results = {space: {} for space in SPACES}
-  qualitative, no_enhancing_tumor = [], []
+  qualitative, no_enhancing_tumor, local_cases = [], [], []
   started = time.time()
   total = builder.info.splits[split].num_examples
   bar = tqdm.tqdm(total=total, desc=f'evaluating {split}', disable=not progress, leave=False)
   batch_size = max(1, config.train.eval_batch_size)
-  for batch in input_pipeline.eval_batches(builder, split, batch_size):
+  # Several processes: each predicts its shard of the cases on its own devices, then all
+  # exchange their per-case rows (`_gather_cases`).
+  for batch in input_pipeline.eval_batches(builder, split, batch_size * jax.process_count(),
+                                           jax.process_index(), jax.process_count()):
     predicted, _ = jax.device_get(predict(variables, batch['image']))
     for row in np.flatnonzero(batch['mask'] > 0):
       case_id = batch['case_id'][row].decode()
+      local_cases.append(case_id)
       crop_start, crop_stop = tuple(batch['crop_start'][row]), tuple(batch['crop_stop'][row])
       original_shape = tuple(batch['original_shape'][row])
       spacing = metrics.voxel_spacing(batch['affine'][row])
@@ -112,9 +124,33 @@ def evaluate_split(config, workdir, split='test', which='best', progress=True):
                             'truth': loaded.classes, 'prediction': restored})
       bar.update(1)
   bar.close()
+  if jax.process_count() > 1:
+    case_ids = list(builder.builder_config.splits[split])
+    results = {space: _gather_cases(rows, case_ids, metrics.METRIC_COLUMNS)
+               for space, rows in results.items()}
+    local_flags = {c: {'no_et': float(c in no_enhancing_tumor)} for c in local_cases}
+    no_enhancing_tumor = [c for c, row in _gather_cases(local_flags, case_ids, ('no_et',)).items()
+                          if row['no_et']]
   return {**results, 'record': record, 'qualitative': qualitative,
           'no_enhancing_tumor': sorted(no_enhancing_tumor),
           'seconds_per_case': (time.time() - started) / total}
+
+
+def _gather_cases(rows, case_ids, columns):
+  """Every process's {case_id: {column: value}} rows, merged, on every process."""
+  table = np.full((len(case_ids), 1 + len(columns)), np.nan)
+  table[:, 0] = 0.0  # column 0 marks the rows this process filled
+  for index, case_id in enumerate(case_ids):
+    if case_id in rows:
+      table[index] = [1.0] + [rows[case_id][c] for c in columns]
+  # Sent as the raw bits of the float64 values: JAX (without x64) would round them to float32.
+  bits = np.asarray(multihost_utils.process_allgather(table.view(np.uint32)))
+  gathered = bits.view(np.float64)  # (processes, cases, 1 + m)
+  owner = np.argmax(gathered[:, :, 0], axis=0)
+  if not np.all(gathered[:, :, 0].sum(axis=0) == 1):
+    raise EvaluationError('cases were not evaluated exactly once across processes')
+  return {case_id: dict(zip(columns, (float(v) for v in gathered[owner[i], i, 1:])))
+          for i, case_id in enumerate(case_ids)}
 
 
 def write_per_case_csv(path, per_case):
@@ -154,7 +190,18 @@ def _comparison_config(main_config, compare_workdir):
 
 
 def evaluate(config, workdir, split, which, output_dir, compare_workdir=None, progress=True):
-  """Writes SPEC 5's outputs into `output_dir` and returns the summary dict."""
+  """Writes SPEC 5's outputs into `output_dir` and returns the summary dict.
+
+  With several processes every process takes part (the cases are shared out) and only
+  process 0 writes `output_dir`.
+  """
+  if not train_lib.is_main_process():
+    with tempfile.TemporaryDirectory() as scratch:
+      return _evaluate(config, workdir, split, which, scratch, compare_workdir, progress=False)
+  return _evaluate(config, workdir, split, which, output_dir, compare_workdir, progress)
+
+
+def _evaluate(config, workdir, split, which, output_dir, compare_workdir, progress):
   os.makedirs(output_dir, exist_ok=True)
   result = evaluate_split(config, workdir, split, which, progress)
   per_case = result['original']

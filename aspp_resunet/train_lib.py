@@ -11,6 +11,7 @@ from typing import Any
 from clu import metric_writers
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -33,9 +34,14 @@ METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
 
 
+def is_main_process():
+  """Process 0 logs, writes the config and metrics, and prepares the dataset."""
+  return jax.process_index() == 0
+
+
 def report(message):
   """A progress line for the user, from process 0 only."""
-  if jax.process_index() == 0:
+  if is_main_process():
     print(message, flush=True)
 
 
@@ -143,7 +149,25 @@ def resolve_source_dir(data_config):
 
 
 def prepare_dataset(data_config):
-  """Validates the source (first time only) and returns the prepared TFDS builder."""
+  """Validates the source (first time only) and returns the prepared TFDS builder.
+
+  With several processes, process 0 prepares (or generates) and the others wait, then open the
+  finished dataset (a shared file system is assumed for `data.prepared_dir`).
+  """
+  if jax.process_count() > 1:
+    failure = None
+    if is_main_process():
+      try:
+        _prepare_dataset(data_config)
+      except Exception as err:  # noqa: BLE001 - re-raised below, after the barrier
+        failure = err
+    multihost_utils.sync_global_devices('aspp_resunet: dataset prepared')
+    if failure is not None:
+      raise failure
+  return _prepare_dataset(data_config)
+
+
+def _prepare_dataset(data_config):
   source_dir = resolve_source_dir(data_config)
   builder = tfds_brats.builder_for(data_config, source_dir)
   if not os.path.isdir(builder.data_dir):
@@ -207,7 +231,7 @@ class _MetricLog:
 
   def __init__(self, workdir):
     self._path = os.path.join(workdir, METRICS_FILE)
-    self._active = jax.process_index() == 0
+    self._active = is_main_process()
     self._writer = metric_writers.create_default_writer(
         workdir, just_logging=not self._active, asynchronous=False)
 
@@ -235,7 +259,7 @@ class _MetricLog:
 
 
 def _save_config(config, workdir):
-  if jax.process_index() != 0:
+  if not is_main_process():
     return
   path = os.path.join(workdir, CONFIG_FILE)
   text = config.to_json_best_effort(indent=1, sort_keys=True)
@@ -281,6 +305,9 @@ def train_and_evaluate(config, workdir):
   # RngBitGenerator keys: XLA:CPU compiles the parameter initialisation in 2 s instead of 15 s
   # with threefry. Values are fixed by the seed on a given backend (not across CPU/GPU/TPU).
   state = create_train_state(config, model, jax.random.key(config.seed, impl='rbg'), total_steps)
+  # Replicated over the global mesh before a restore, which takes its shardings from this
+  # template: arrays restored onto one process's device cannot be moved across hosts.
+  state = jax.device_put(state, sharder.replicated)
   checkpoints = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
   restored = checkpoints.restore(checkpointing.LATEST, state)
   best = -1.0
@@ -288,7 +315,6 @@ def train_and_evaluate(config, workdir):
     state, record = restored
     best = record.get('best_dice_mean', -1.0)
     report(f'resuming from step {int(state.step)} (epoch {record["epoch"]})')
-  state = jax.device_put(state, sharder.replicated)
   step = int(state.step)
   log = _MetricLog(workdir)
   log.truncate_after(step)
@@ -305,7 +331,7 @@ def train_and_evaluate(config, workdir):
           builder, config.data, global_batch, config.seed, epoch, skip_batches=offset,
           process_index=jax.process_index(), process_count=jax.process_count())
       progress = tqdm.tqdm(total=steps_per_epoch, initial=offset, desc=f'epoch {epoch + 1}/'
-                           f'{config.train.num_epochs}', disable=jax.process_index() != 0,
+                           f'{config.train.num_epochs}', disable=not is_main_process(),
                            leave=False, dynamic_ncols=True)
       window_losses, window_started = [], time.time()
       for host_batch in batches:
