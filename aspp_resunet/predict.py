@@ -8,8 +8,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
+from aspp_resunet import distributed
 from aspp_resunet import eval_lib
 from aspp_resunet import labels
 from data_pipelines import brats
@@ -26,7 +28,9 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
   each and skipped.
 
   Returns:
-    (number written, list of CaseError for the cases skipped).
+    (number written, list of CaseError for the cases skipped); with several processes the
+    number and the list's length count every process's cases (other processes' errors are
+    None entries: each process prints its own).
   """
   config = eval_lib.load_workdir_config(workdir)
   if mirror is not None:
@@ -40,7 +44,9 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
   predict = eval_lib.predictor(model, config)
   os.makedirs(output_dir, exist_ok=True)
   written, failures = 0, []
-  for case in brats.discover_cases(input_dir, scheme):
+  # Several processes: case k goes to process k % count; each writes its own cases' files.
+  all_cases = brats.discover_cases(input_dir, scheme)
+  for case in all_cases[jax.process_index()::jax.process_count()]:
     started = time.time()
     try:
       loaded = brats.load_case(case, scheme, require_seg=False, read_seg=False)
@@ -57,6 +63,11 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
     brats.write_nifti(path, file_labels.astype(np.uint8), loaded.affine, header=loaded.header)
     written += 1
     print(f'{case.case_id}: {path} ({time.time() - started:.1f} s)', file=out, flush=True)
+  if jax.process_count() > 1:
+    # Totals over all processes, so that process 0's summary line and every exit status agree.
+    totals = multihost_utils.process_allgather(np.asarray([written, len(failures)], np.int32))
+    written, skipped = (int(v) for v in np.asarray(totals).sum(axis=0))
+    failures = failures + [None] * (skipped - len(failures))
   return written, failures
 
 
@@ -66,13 +77,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   flags_ = flags.FLAGS
   try:
+    distributed.from_flags()
     written, failures = predict_folder(flags_.workdir, flags_.input_dir, flags_.output_dir,
                                        flags_.checkpoint, flags_.scheme, flags_.mirror)
-  except (eval_lib.EvaluationError, brats.DataDirError, ValueError) as err:
+  except (distributed.DistributedError, eval_lib.EvaluationError, brats.DataDirError,
+          ValueError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
-  print(f'wrote {written} segmentation(s) to {flags_.output_dir}' +
-        (f'; {len(failures)} case(s) skipped' if failures else ''))
+  if jax.process_index() == 0:
+    print(f'wrote {written} segmentation(s) to {flags_.output_dir}' +
+          (f'; {len(failures)} case(s) skipped' if failures else ''))
   return 1 if failures else 0
 
 
@@ -85,4 +99,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('scheme', None, 'Naming scheme of input_dir (default: the training one).')
   flags.DEFINE_bool('mirror', None, 'Mirroring test-time augmentation (default: config).')
   flags.mark_flags_as_required(['workdir', 'input_dir', 'output_dir'])
+  distributed.define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -127,6 +128,27 @@ def test_two_process_evaluation_shares_cases_and_gathers_them(single_process_run
   for name in ('per_case.csv', 'per_case_model_resolution.csv'):
     assert (tmp_path / 'one' / name).read_text() == (tmp_path / 'two' / name).read_text()
   assert sorted(os.listdir(tmp_path / 'two')) == sorted(os.listdir(tmp_path / 'one'))
+
+
+def test_two_process_predict_shares_cases(single_process_run, tmp_path):
+  config, workdir = single_process_run
+  argv = [sys.executable, '-m', 'aspp_resunet.predict', f'--workdir={workdir}',
+          f'--input_dir={config.data.synthetic_dir}', '--checkpoint=latest']
+  single = subprocess.run(argv + [f'--output_dir={tmp_path / "one"}'], cwd=REPO, env=_env(1),
+                          capture_output=True, text=True, check=False)
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = _free_port()
+  processes = [_launch(argv + [f'--output_dir={tmp_path / "two"}'], port, i) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:]
+  names = sorted(os.listdir(tmp_path / 'one'))
+  assert len(names) == 8 and sorted(os.listdir(tmp_path / 'two')) == names
+  assert 'wrote 8 segmentation(s)' in outputs[0][0] and 'wrote' not in outputs[1][0]
+  for index, name in enumerate(names):  # sorted case k was written by process k % 2
+    assert f'{name[:-len(".nii.gz")]}: ' in outputs[index % 2][0]
+    one = nib.load(tmp_path / 'one' / name)
+    two = nib.load(tmp_path / 'two' / name)
+    np.testing.assert_array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj))
 
 
 def test_settings_from_flags_and_environment():
