@@ -14,7 +14,8 @@ from aspp_resunet import checkpointing
 from aspp_resunet import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ['default', 'baseline', 'demo', 'demo_baseline', 'test']
+CONFIGS = ['default', 'baseline', 'demo', 'demo_baseline', 'test', 'brats_cpu', 'paper_gpu',
+           'paper_tpu']
 
 
 def _metrics(workdir):
@@ -190,3 +191,17 @@ def test_paper_config_is_the_papers():
   assert (config.train.learning_rate, config.train.batch_size, config.train.num_epochs,
           config.train.loss) == (1e-4, 1, 120, 'ce')
   assert config.model.use_aspp and not baseline.get_config().model.use_aspp
+
+
+@pytest.mark.parametrize('name', ['paper_gpu', 'paper_tpu'])
+def test_accelerator_configs_keep_the_papers_model_data_and_optimizer(name):
+  from configs import default
+
+  paper = default.get_config()
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.model.dtype == 'bfloat16' and config.model.conv_impl == 'auto'
+  for section, field in [('data', 'image_size'), ('data', 'split_fractions'),
+                         ('model', 'base_width'), ('model', 'aspp_rates'), ('model', 'norm'),
+                         ('train', 'learning_rate'), ('train', 'loss'), ('train', 'num_epochs'),
+                         ('train', 'schedule')]:
+    assert config[section][field] == paper[section][field], (section, field)
