@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import eval_lib
 from aspp_resunet import labels
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

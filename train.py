@@ -7,6 +7,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import train_lib
 from data_pipelines import brats
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

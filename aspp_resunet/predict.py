@@ -11,6 +11,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import eval_lib
 from aspp_resunet import labels
@@ -100,4 +101,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('mirror', None, 'Mirroring test-time augmentation (default: config).')
   flags.mark_flags_as_required(['workdir', 'input_dir', 'output_dir'])
   distributed.define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -124,10 +124,18 @@ def test_top_level_data_dir_is_the_data_section_field(tiny_config, tmp_path):
   assert result.stderr.strip().splitlines()[-1] == f'error: data dir {missing}: not a directory'
 
 
-def test_unknown_config_field_is_refused(tiny_config, tmp_path):
-  result = _train_cli(str(tmp_path / 'w'), tiny_config, '--config.model.widht=3')
-  assert result.returncode != 0
-  assert 'widht' in result.stderr
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.widht=3', 'error: unknown config field widht'),
+    ('--config.train.batch_size=abc',
+     "error: flag --config.train.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    ('--config=configs/no_such_config.py', 'error: Configuration is not available'),
+    ('--no_such_flag=1', "error: Unknown command line flag 'no_such_flag'"),
+])
+def test_config_and_flag_errors_are_one_line(tiny_config, tmp_path, override, message):
+  result = _train_cli(str(tmp_path / 'w'), tiny_config, override)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+  assert result.stderr.startswith(message)
   assert not os.path.exists(tmp_path / 'w')
 
 
