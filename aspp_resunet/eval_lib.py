@@ -47,12 +47,12 @@ def restore_model(config, workdir, which='best'):
   series = {'best': checkpointing.BEST, 'latest': checkpointing.LATEST}
   if which not in series:
     raise EvaluationError(f"checkpoint must be 'best' or 'latest', got {which!r}")
-  # The network and optimizer-state layout are the ones the workdir was trained with (its
-  # config.json), whatever evaluation protocol `config` asks for.
+  # The optimizer-state layout (e.g. a schedule's step counter) is the one the workdir was
+  # trained with (its config.json), whatever `config` says; the network must match `config`
+  # (a different architecture is refused below, not silently replaced).
   if os.path.exists(os.path.join(workdir, train_lib.CONFIG_FILE)):
-    trained = load_workdir_config(workdir)
-    config = ml_collections.ConfigDict({**config.to_dict(), 'model': trained.model.to_dict(),
-                                        'train': trained.train.to_dict()})
+    config = ml_collections.ConfigDict(
+        {**config.to_dict(), 'train': load_workdir_config(workdir).train.to_dict()})
   model = models.create_model(config.model)
   template = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
   checkpoints = checkpointing.Checkpoints(workdir)

@@ -19,14 +19,26 @@ from data_pipelines import brats
 from data_pipelines import preprocess
 
 
+class InvalidInputError(ValueError):
+  """Some input cases are invalid and nothing was written (one-line message)."""
+
+
+def _total(count):
+  """`count` summed over all processes."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.asarray(multihost_utils.process_allgather(np.int32(count))).sum())
+
+
 def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None, mirror=None,
-                   out=sys.stdout):
-  """Writes OUT/<case>.nii.gz for every valid case folder of `input_dir`.
+                   out=sys.stdout, skip_invalid=False):
+  """Writes OUT/<case>.nii.gz for every case folder of `input_dir`.
 
   `which` checkpoint: 'best', 'latest', or None for the workdir config's eval.checkpoint.
   Segmentations are not needed. Each output has the input's shape, affine and header spacing
-  and the scheme's labels (uint8); it is written atomically. Bad cases are reported one line
-  each and skipped.
+  and the scheme's labels (uint8); it is written atomically. Every case is checked first: a bad
+  case is reported in one line and, unless `skip_invalid`, nothing is written
+  (InvalidInputError); with `skip_invalid` the bad cases are skipped.
 
   Returns:
     (number written, list of CaseError for the cases skipped); with several processes the
@@ -47,7 +59,20 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
   written, failures = 0, []
   # Several processes: case k goes to process k % count; each writes its own cases' files.
   all_cases = brats.discover_cases(input_dir, scheme)
-  for case in all_cases[jax.process_index()::jax.process_count()]:
+  my_cases = all_cases[jax.process_index()::jax.process_count()]
+  if not skip_invalid:
+    bad = 0
+    for case in my_cases:
+      try:
+        brats.load_case(case, scheme, require_seg=False, read_seg=False)
+      except brats.CaseError as err:
+        bad += 1
+        print(err, file=out, flush=True)
+    bad = _total(bad)
+    if bad:
+      raise InvalidInputError(f'{bad} invalid case(s) in {input_dir}; nothing written (fix them, '
+                              f'or --skip_invalid to segment the others)')
+  for case in my_cases:
     started = time.time()
     try:
       loaded = brats.load_case(case, scheme, require_seg=False, read_seg=False)
@@ -64,11 +89,9 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
     brats.write_nifti(path, file_labels.astype(np.uint8), loaded.affine, header=loaded.header)
     written += 1
     print(f'{case.case_id}: {path} ({time.time() - started:.1f} s)', file=out, flush=True)
-  if jax.process_count() > 1:
-    # Totals over all processes, so that process 0's summary line and every exit status agree.
-    totals = multihost_utils.process_allgather(np.asarray([written, len(failures)], np.int32))
-    written, skipped = (int(v) for v in np.asarray(totals).sum(axis=0))
-    failures = failures + [None] * (skipped - len(failures))
+  # Totals over all processes, so that process 0's summary line and every exit status agree.
+  written, skipped = _total(written), _total(len(failures))
+  failures = failures + [None] * (skipped - len(failures))
   return written, failures
 
 
@@ -80,15 +103,20 @@ def main(argv):
   try:
     distributed.from_flags()
     written, failures = predict_folder(flags_.workdir, flags_.input_dir, flags_.output_dir,
-                                       flags_.checkpoint, flags_.scheme, flags_.mirror)
+                                       flags_.checkpoint, flags_.scheme, flags_.mirror,
+                                       skip_invalid=flags_.skip_invalid)
   except (distributed.DistributedError, eval_lib.EvaluationError, brats.DataDirError,
           ValueError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
   if jax.process_index() == 0:
-    print(f'wrote {written} segmentation(s) to {flags_.output_dir}' +
-          (f'; {len(failures)} case(s) skipped' if failures else ''))
-  return 1 if failures else 0
+    print(f'wrote {written} segmentation(s) to {flags_.output_dir}')
+    if failures:
+      print(f'{len(failures)} invalid case(s) skipped (--skip_invalid):')
+      for failure in failures:
+        if failure is not None:  # other processes' failures were printed by them
+          print(f'  {failure}')
+  return 0 if written or not failures else 1
 
 
 if __name__ == '__main__':
@@ -99,6 +127,8 @@ if __name__ == '__main__':
                     "Which checkpoint (default: the workdir config's eval.checkpoint).")
   flags.DEFINE_string('scheme', None, 'Naming scheme of input_dir (default: the training one).')
   flags.DEFINE_bool('mirror', None, 'Mirroring test-time augmentation (default: config).')
+  flags.DEFINE_bool('skip_invalid', False, 'Segment the valid cases and list the invalid ones '
+                    'at the end, instead of writing nothing when any case is invalid.')
   flags.mark_flags_as_required(['workdir', 'input_dir', 'output_dir'])
   distributed.define_flags()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

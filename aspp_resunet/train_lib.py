@@ -167,16 +167,36 @@ def prepare_dataset(data_config):
   return _prepare_dataset(data_config)
 
 
+def _invalid_cases_error(errors, source_dir):
+  return brats.DataDirError(
+      f'{len(errors)} invalid case(s) in {source_dir}; first: {errors[0]} (run python -m '
+      f'data_pipelines.validate --data_dir={source_dir} for all, or set '
+      f'data.skip_invalid=True to leave them out)')
+
+
 def _prepare_dataset(data_config):
   source_dir = resolve_source_dir(data_config)
-  builder = tfds_brats.builder_for(data_config, source_dir)
-  if not os.path.isdir(builder.data_dir):
+  excluded, validated = None, False
+  if not os.path.exists(tfds_brats.manifest_path(data_config, source_dir)):
+    # Validated before the split is made: nothing is written for a folder with bad cases,
+    # unless data.skip_invalid leaves them out of the split.
     errors = tfds_brats.validate_cases(data_config, source_dir)
+    if errors and not data_config.get('skip_invalid', False):
+      raise _invalid_cases_error(errors, source_dir)
+    excluded, validated = {err.case_id: str(err) for err in errors}, True
+  builder = tfds_brats.builder_for(data_config, source_dir, excluded)
+  if not os.path.isdir(builder.data_dir) and not validated:
+    listed = {c for ids in builder.builder_config.splits.values() for c in ids}
+    errors = tfds_brats.validate_cases(data_config, source_dir, listed)
     if errors:
-      raise brats.DataDirError(
-          f'{len(errors)} invalid case(s) in {source_dir}; first: {errors[0]} (run python -m '
-          f'data_pipelines.validate --data_dir={source_dir} for all)')
-  return tfds_brats.prepare(data_config, source_dir)
+      raise _invalid_cases_error(errors, source_dir)
+  builder = tfds_brats.prepare(data_config, source_dir)
+  skipped = tfds_brats.excluded_cases(data_config, source_dir)
+  if skipped:
+    report(f'{len(skipped)} invalid case(s) left out (data.skip_invalid):')
+    for reason in skipped.values():
+      report(f'  {reason}')
+  return builder
 
 
 def check_config(config):

@@ -36,6 +36,7 @@ def get_config():
   data.intensity_scale = 0.1  # multiply each channel by U(1 - s, 1 + s) when augmenting
   data.intensity_shift = 0.1  # add U(-s, s) to each channel when augmenting
   data.prefetch = 2  # batches prepared ahead of the training step
+  data.skip_invalid = False  # leave invalid cases out of the split (listed) instead of stopping
 
   config.model = model = ml_collections.ConfigDict()
   model.num_classes = 4  # background, NCR/NET, ED, ET

@@ -48,16 +48,21 @@ def make_split(case_ids, fractions, seed):
   return {'train': train, 'validation': validation, 'test': test}
 
 
-def load_or_create_manifest(path, case_ids, fractions, seed):
+def load_or_create_manifest(path, case_ids, fractions, seed, excluded=None):
   """Reuses the split manifest at `path`, or writes a new one (atomically) if there is none.
+
+  `excluded` ({case_id: reason}, new manifests only): invalid cases left out of every split
+  (data.skip_invalid); they are recorded in the manifest so that a rerun makes the same split.
 
   Raises:
     SplitManifestError: the manifest exists but lists other cases than the folder holds.
   """
+  excluded = dict(excluded or {})
   if os.path.exists(path):
     with open(path) as stream:
       manifest = json.load(stream)
-    listed = sorted(c for split in SPLITS for c in manifest['splits'][split])
+    listed = sorted([c for split in SPLITS for c in manifest['splits'][split]] +
+                    list(manifest.get('excluded', {})))
     if listed != sorted(case_ids):
       missing = sorted(set(listed) - set(case_ids))
       new = sorted(set(case_ids) - set(listed))
@@ -66,8 +71,10 @@ def load_or_create_manifest(path, case_ids, fractions, seed):
           f'new: {new[:5]}); it is never regenerated silently: move it away to make a new split '
           f'or restore the cases')
     return manifest['splits']
-  splits = make_split(case_ids, fractions, seed)
+  splits = make_split([c for c in case_ids if c not in excluded], fractions, seed)
   manifest = {'seed': seed, 'fractions': list(fractions), 'splits': splits}
+  if excluded:
+    manifest['excluded'] = excluded
   os.makedirs(os.path.dirname(path), exist_ok=True)
   temp = f'{path}.tmp-{os.getpid()}'
   with open(temp, 'w') as stream:
@@ -148,22 +155,37 @@ def config_name(source_dir, scheme, options, image_dtype, splits):
   return f'{size}_{options.normalization}{crop}_{image_dtype}_{digest}'
 
 
-def builder_for(data_config, source_dir):
+def manifest_path(data_config, source_dir):
+  """Where the split manifest of `source_dir` lives: beside its prepared data."""
+  source_digest = hashlib.sha256(os.path.abspath(source_dir).encode()).hexdigest()[:10]
+  return os.path.join(data_config.prepared_dir,
+                      f'{os.path.basename(os.path.normpath(source_dir))}-{source_digest}',
+                      MANIFEST_NAME)
+
+
+def excluded_cases(data_config, source_dir):
+  """{case_id: reason} of the cases the manifest leaves out ({} if none or no manifest)."""
+  path = manifest_path(data_config, source_dir)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as stream:
+    return json.load(stream).get('excluded', {})
+
+
+def builder_for(data_config, source_dir, excluded=None):
   """The BratsDataset builder (not yet prepared) for `config.data` and a source folder.
 
-  The split manifest is created or reused first, beside the prepared data.
+  The split manifest is created (leaving out `excluded` cases) or reused first, beside the
+  prepared data.
   """
   scheme = labels_lib.get_scheme(data_config.scheme)
   options = preprocess.PreprocessOptions(
       image_size=tuple(data_config.image_size), normalization=data_config.normalization,
       crop_to_brain=data_config.crop_to_brain)
   case_ids = [c.case_id for c in brats.discover_cases(source_dir, scheme)]
-  source_digest = hashlib.sha256(os.path.abspath(source_dir).encode()).hexdigest()[:10]
-  manifest_path = os.path.join(data_config.prepared_dir,
-                               f'{os.path.basename(os.path.normpath(source_dir))}-'
-                               f'{source_digest}', MANIFEST_NAME)
-  splits = load_or_create_manifest(manifest_path, case_ids, tuple(data_config.split_fractions),
-                                   data_config.split_seed)
+  splits = load_or_create_manifest(manifest_path(data_config, source_dir), case_ids,
+                                   tuple(data_config.split_fractions), data_config.split_seed,
+                                   excluded)
   config = BratsConfig(
       name=config_name(source_dir, data_config.scheme, options, data_config.image_dtype, splits),
       version=BratsDataset.VERSION, source_dir=source_dir, scheme=data_config.scheme,
@@ -171,11 +193,14 @@ def builder_for(data_config, source_dir):
   return BratsDataset(config=config, data_dir=os.path.join(data_config.prepared_dir, 'tfds'))
 
 
-def validate_cases(data_config, source_dir):
-  """Validates every case before preparation; returns the list of CaseErrors (empty if fine)."""
+def validate_cases(data_config, source_dir, case_ids=None):
+  """Validates every case (or those of `case_ids`) before preparation; returns the list of
+  CaseErrors (empty if fine)."""
   scheme = labels_lib.get_scheme(data_config.scheme)
   errors = []
   for case in brats.discover_cases(source_dir, scheme):
+    if case_ids is not None and case.case_id not in case_ids:
+      continue
     try:
       brats.load_case(case, scheme, require_seg=True)
     except brats.CaseError as err:

@@ -41,6 +41,8 @@ def main(argv):
     print(f'error: {err}', file=sys.stderr)
     return 1
   print(f'{total - bad} of {total} cases valid' + (f', {bad} invalid' if bad else ''))
+  if flags_.skip_invalid:
+    return 0 if total > bad else 1  # the valid cases can go on; none valid is still an error
   return 1 if bad else 0
 
 
@@ -49,4 +51,6 @@ if __name__ == '__main__':
   flags.DEFINE_enum('scheme', labels_lib.DEFAULT_SCHEME, list(labels_lib.SCHEMES),
                     'File naming scheme.')
   flags.DEFINE_bool('require_seg', True, 'A missing segmentation makes a case invalid.')
+  flags.DEFINE_bool('skip_invalid', False, 'Exit 0 when some cases are valid (the invalid ones '
+                    'are listed; preparation with data.skip_invalid=True leaves them out).')
   app.run(lambda argv: sys.exit(main(argv)))

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from aspp_resunet import train_lib
+from data_pipelines import brats
 from data_pipelines import input_pipeline
 from data_pipelines import tfds_brats
+from tests import helpers
 
 
 @pytest.fixture
@@ -154,3 +156,47 @@ def test_eval_batches_pad_to_equal_counts(builder):
   assert [len(p) for p in per_process] == [1, 1]
   assert per_process[0][0]['mask'].tolist() == [1.0]
   assert per_process[1][0]['mask'].tolist() == [0.0]
+
+
+def _folder_with_one_bad_case(root):
+  for index in range(6):
+    helpers.write_case(root, f'case{index}', seed=index)
+  bad = helpers.write_case(root, 'case_bad', seed=9)
+  with open(helpers.file_of(bad, 't2'), 'wb') as stream:
+    stream.write(b'not a nifti at all')
+  return root
+
+
+def _small_data_config(tiny_config, tmp_path):
+  data = tiny_config.data
+  data.data_dir = _folder_with_one_bad_case(str(tmp_path / 'cases'))
+  data.prepared_dir = str(tmp_path / 'prepared')
+  data.image_size = (8, 8, 8)
+  return data
+
+
+def test_invalid_case_stops_preparation_before_anything_is_written(tiny_config, tmp_path):
+  data = _small_data_config(tiny_config, tmp_path)
+  with pytest.raises(brats.DataDirError) as info:
+    train_lib.prepare_dataset(data)
+  message = str(info.value)
+  assert message.startswith(f'1 invalid case(s) in {data.data_dir}; first: case case_bad: ')
+  assert 'data.skip_invalid=True' in message and '\n' not in message
+  assert not os.path.exists(data.prepared_dir)
+
+
+def test_skip_invalid_leaves_bad_cases_out_and_lists_them(tiny_config, tmp_path, capsys):
+  data = _small_data_config(tiny_config, tmp_path)
+  data.skip_invalid = True
+  builder = train_lib.prepare_dataset(data)
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[-2] == '1 invalid case(s) left out (data.skip_invalid):'
+  assert printed[-1].startswith('  case case_bad: case_bad_t2.nii.gz: ')
+  splits = builder.builder_config.splits
+  assert sorted(c for ids in splits.values() for c in ids) == [f'case{i}' for i in range(6)]
+  assert sum(builder.info.splits[s].num_examples for s in splits) == 6
+  with open(tfds_brats.manifest_path(data, data.data_dir)) as stream:
+    assert list(json.load(stream)['excluded']) == ['case_bad']
+  # A rerun reuses the manifest (same split, bad case still out) without preparing again.
+  again = train_lib.prepare_dataset(data)
+  assert again.builder_config.splits == splits and again.data_dir == builder.data_dir

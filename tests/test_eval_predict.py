@@ -175,19 +175,32 @@ def test_predict_writes_original_geometry_and_scheme_labels(trained, tmp_path):
     assert set(np.unique(np.asanyarray(result.dataobj))) <= {0, 1, 2, 4}
 
 
-def test_predict_cli_skips_bad_cases_and_exits_one(trained, tmp_path):
+def _predict_cli(workdir, data, out, *extra):
+  return subprocess.run(
+      [sys.executable, '-m', 'aspp_resunet.predict', f'--workdir={workdir}',
+       f'--input_dir={data}', f'--output_dir={out}', *extra], cwd=REPO, capture_output=True,
+      text=True, check=False)
+
+
+def test_predict_cli_with_a_bad_case_writes_nothing_unless_skip_invalid(trained, tmp_path):
   _, workdirs = trained
   data = tmp_path / 'mixed'
   helpers.write_case(str(data), 'Good', with_seg=False)
   helpers.write_case(str(data), 'NoT2', with_seg=False, overrides={'t2': None})
   out = tmp_path / 'out'
-  result = subprocess.run(
-      [sys.executable, '-m', 'aspp_resunet.predict', f'--workdir={workdirs["aspp"]}',
-       f'--input_dir={data}', f'--output_dir={out}'], cwd=REPO, capture_output=True, text=True,
-      check=False)
+  result = _predict_cli(workdirs['aspp'], data, out)
   assert result.returncode == 1, result.stderr[-2000:]
-  assert 'case NoT2: missing t2' in result.stdout
-  assert 'wrote 1 segmentation(s)' in result.stdout
+  assert result.stdout.strip() == 'case NoT2: missing t2 (no file ending in _t2.nii.gz or .nii)'
+  assert result.stderr.strip() == (f'error: 1 invalid case(s) in {data}; nothing written (fix '
+                                   f'them, or --skip_invalid to segment the others)')
+  assert not os.path.exists(out) or not os.listdir(out)
+
+  result = _predict_cli(workdirs['aspp'], data, out, '--skip_invalid')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[-3:] == [f'wrote 1 segmentation(s) to {out}',
+                        '1 invalid case(s) skipped (--skip_invalid):',
+                        '  case NoT2: missing t2 (no file ending in _t2.nii.gz or .nii)']
   assert sorted(os.listdir(out)) == ['Good.nii.gz']
   assert 'Traceback' not in result.stderr
 

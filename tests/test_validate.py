@@ -39,6 +39,17 @@ def test_bad_cases_one_line_each_exit_one(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+def test_skip_invalid_exits_zero_when_some_cases_are_valid(tmp_path):
+  helpers.write_case(str(tmp_path), 'Good')
+  helpers.write_case(str(tmp_path), 'NoFlair', overrides={'flair': None})
+  result = _run(f'--data_dir={tmp_path}', '--skip_invalid')
+  assert result.returncode == 0
+  assert result.stdout.splitlines()[-1] == '1 of 2 cases valid, 1 invalid'
+  only_bad = tmp_path / 'only_bad'
+  helpers.write_case(str(only_bad), 'NoFlair', overrides={'flair': None})
+  assert _run(f'--data_dir={only_bad}', '--skip_invalid').returncode == 1
+
+
 def test_missing_segmentation_allowed_for_prediction_input(tmp_path):
   helpers.write_case(str(tmp_path), 'A', with_seg=False)
   assert _run(f'--data_dir={tmp_path}').returncode == 1
