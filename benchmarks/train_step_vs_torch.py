@@ -107,6 +107,15 @@ def gemm_peak_gflops(dtype, n=2048, repeats=5):
 
 
 def _max_rss_gib():
+  """Peak RSS of this process image. VmHWM, not getrusage's ru_maxrss: a child started by
+  subprocess inherits its parent's ru_maxrss through fork + exec, VmHWM starts afresh."""
+  try:
+    with open('/proc/self/status') as stream:
+      for line in stream:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
