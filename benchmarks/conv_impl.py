@@ -1,0 +1,73 @@
+"""3D convolution on XLA:CPU: native `lax` vs `depth2d` (layers.conv3d_same), forward and
+forward+backward, on the shapes of the demo and paper models.
+
+python benchmarks/conv_impl.py [--shapes=48x8x8,24x16x16,...]   (size x in x out [x dilation])
+Writes benchmarks/results/conv_impl.json.
+"""
+
+import functools
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import layers  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+flags.DEFINE_list('shapes', ['48x8x8', '48x16x8', '24x16x16', '12x32x32', '6x64x32x2',
+                             '16x256x256', '8x512x512', '8x1024x256x6'],
+                  'Cubic input size x input channels x output channels [x dilation].')
+flags.DEFINE_integer('repeats', 5, 'Timed calls (median) after one compiling call.')
+flags.DEFINE_string('output', 'benchmarks/results/conv_impl.json', 'Result JSON.')
+FLAGS = flags.FLAGS
+
+
+def _median_seconds(fn, *args):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.repeats):
+    started = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - started)
+  return float(np.median(times))
+
+
+def main(argv):
+  del argv
+  rows = []
+  for spec in FLAGS.shapes:
+    size, in_features, out_features, dilation = (int(v) for v in (spec + 'x1').split('x')[:4])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, size, size, size, in_features)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, in_features, out_features)) * 0.1,
+                         jnp.float32)
+    padding = [(dilation, dilation)] * 3
+    flops = 2 * size**3 * 27 * in_features * out_features
+    row = {'shape': spec, 'flops_forward': flops}
+    for impl in ('lax', 'depth2d'):
+      conv = functools.partial(layers.conv3d_same, dilation=dilation, padding=padding,
+                               conv_impl=impl)
+      forward = jax.jit(conv)
+      backward = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k)**2), (0, 1)))
+      row[f'{impl}_forward_seconds'] = _median_seconds(forward, x, kernel)
+      row[f'{impl}_forward_backward_seconds'] = _median_seconds(backward, x, kernel)
+      row[f'{impl}_forward_backward_gflops'] = 3 * flops / row[
+          f'{impl}_forward_backward_seconds'] / 1e9
+    row['forward_backward_speedup'] = (row['lax_forward_backward_seconds'] /
+                                       row['depth2d_forward_backward_seconds'])
+    rows.append(row)
+    print(f'{spec:14s} fwd+bwd lax {row["lax_forward_backward_seconds"] * 1e3:8.1f} ms, depth2d '
+          f'{row["depth2d_forward_backward_seconds"] * 1e3:8.1f} ms, speed-up '
+          f'{row["forward_backward_speedup"]:.2f}x', flush=True)
+  common.write_result(FLAGS.output, {'rows': rows})
+  print(f'wrote {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
