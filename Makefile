@@ -27,6 +27,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev,bench]'
 	$(PY) benchmarks/synthetic_vs_real.py
+	$(PY) benchmarks/conv_impl.py
+	$(PY) benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=float32
+	$(PY) benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=bfloat16
+	$(PY) benchmarks/inference.py --config=configs/demo.py
+	$(PY) benchmarks/input_pipeline.py --config=configs/demo.py
 
 clean:
 	rm -rf $(VENV) runs data/synthetic
