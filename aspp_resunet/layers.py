@@ -19,7 +19,7 @@ CONV_IMPLS = ('auto', 'lax', 'depth2d')
 
 
 def resolve_conv_impl(conv_impl):
-  """'auto' -> 'depth2d' on CPU (XLA:CPU runs 2D convolutions 1.3-9x faster than 3D ones,
+  """'auto' -> 'depth2d' on CPU (XLA:CPU runs 2D convolutions 1.3-10x faster than 3D ones,
   benchmarks/conv_impl.py), 'lax' (one native 3D convolution) on GPU/TPU."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
