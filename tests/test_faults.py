@@ -114,8 +114,8 @@ def test_sigkill_during_dataset_preparation_then_rerun_completes(tiny_config, tm
   workdir = str(tmp_path / 'w')
 
   def preparing(_):
-    for root, dirs, _ in os.walk(tiny_config.data.prepared_dir):
-      if any(name.startswith('incomplete.') for name in dirs) and root:
+    for _, dirs, _ in os.walk(tiny_config.data.prepared_dir):
+      if any(name.startswith('incomplete.') for name in dirs):
         return True
     return False
 
