@@ -6,6 +6,8 @@ import os
 import platform
 import subprocess
 
+from ml_collections import config_flags
+
 
 def _cpu_model():
   try:
@@ -55,3 +57,17 @@ def write_result(path, figures):
     stream.write('\n')
   os.replace(temp_path, path)
   return record
+
+
+def config_name(config_flag):
+  """'demo' for --config=configs/demo.py (the flag object, e.g. FLAGS['config'])."""
+  return os.path.splitext(os.path.basename(config_flags.get_config_filename(config_flag)))[0]
+
+
+def report(path, figures):
+  """Prints `figures` one per line, writes them with `write_result` and says where."""
+  width = max(len(key) for key in figures) + 2
+  for key, value in figures.items():
+    print(f'{key:{width}s}{value}')
+  write_result(path, figures)
+  print(f'wrote {path}')

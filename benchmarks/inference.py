@@ -109,18 +109,15 @@ def main(argv):
               for _ in range(FLAGS.repeats)]
       results[name] = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
   figures = {
-      'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+      'config': common.config_name(FLAGS['config']),
       'image_size': list(config.data.image_size), 'case': case_name,
       'conv_impl': config.model.conv_impl, 'jax_seconds': results['jax'],
       'torch_seconds': results['torch'],
       'case_time_ratio_vs_torch': results['jax']['total'] / results['torch']['total'],
       'predict_time_ratio_vs_torch': results['jax']['predict'] / results['torch']['predict'],
   }
-  for key, value in figures.items():
-    print(f'{key:28s} {value}')
-  output = FLAGS.output or f'benchmarks/results/inference_{figures["config"][:-3]}.json'
-  common.write_result(output, figures)
-  print(f'wrote {output}')
+  common.report(FLAGS.output or f'benchmarks/results/inference_{figures["config"]}.json',
+                figures)
 
 
 if __name__ == '__main__':

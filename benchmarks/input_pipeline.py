@@ -66,7 +66,7 @@ def main(argv):
   resident_seconds = float(np.median(resident_times))
   pipeline_seconds = float(np.median(pipeline_times))
   figures = {
-      'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+      'config': common.config_name(FLAGS['config']),
       'image_size': list(config.data.image_size), 'batch_size': batch_size,
       'augment': bool(config.data.augment), 'steps': FLAGS.steps,
       'resident_step_seconds_median': resident_seconds,
@@ -76,12 +76,8 @@ def main(argv):
       'overhead_fraction': pipeline_seconds / resident_seconds - 1.0,
       'overhead_fraction_of_means': float(np.mean(pipeline_times) / np.mean(resident_times)) - 1,
   }
-  for key, value in figures.items():
-    print(f'{key:30s} {value}')
-  output = FLAGS.output or (f'benchmarks/results/input_pipeline_{figures["config"][:-3]}'
-                            f'{"_augment" if config.data.augment else ""}.json')
-  common.write_result(output, figures)
-  print(f'wrote {output}')
+  common.report(FLAGS.output or (f'benchmarks/results/input_pipeline_{figures["config"]}'
+                                 f'{"_augment" if config.data.augment else ""}.json'), figures)
 
 
 if __name__ == '__main__':

@@ -62,13 +62,9 @@ def main(argv):
       'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
       'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
       'peak_rss_gib': peak_rss}
-  for key, value in figures.items():
-    print(f'{key:22s} {value}')
-  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
-      flags.FLAGS['config'])))[0]
-  output = FLAGS.output or f'benchmarks/results/train_step_{name}.json'
-  common.write_result(output, figures)
-  print(f'wrote {output}')
+  common.report(FLAGS.output or
+                f'benchmarks/results/train_step_{common.config_name(FLAGS["config"])}.json',
+                figures)
 
 
 if __name__ == '__main__':

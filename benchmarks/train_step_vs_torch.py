@@ -173,7 +173,7 @@ def main(argv):
                   for kind in ('temp', 'argument', 'output')) - (
                       getattr(memory, 'alias_size_in_bytes', 0) or 0)
   figures = {
-      'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+      'config': common.config_name(FLAGS['config']),
       'image_size': list(config.data.image_size), 'base_width': config.model.base_width,
       'use_aspp': config.model.use_aspp, 'batch_size': config.train.batch_size,
       'loss': config.train.loss, 'dtype': FLAGS.dtype,
@@ -189,13 +189,9 @@ def main(argv):
       'jax_max_rss_gib': jax_rss, 'torch_max_rss_gib': torch_rss,
       'peak_memory_ratio_vs_torch': jax_rss / torch_rss,
   }
-  for key, value in figures.items():
-    print(f'{key:28s} {value}')
   size = 'x'.join(map(str, config.data.image_size))
-  output = FLAGS.output or (f'benchmarks/results/train_step_vs_torch_'
-                            f'{figures["config"][:-3]}_{size}_{FLAGS.dtype}.json')
-  common.write_result(output, figures)
-  print(f'wrote {output}')
+  common.report(FLAGS.output or (f'benchmarks/results/train_step_vs_torch_'
+                                 f'{figures["config"]}_{size}_{FLAGS.dtype}.json'), figures)
 
 
 if __name__ == '__main__':

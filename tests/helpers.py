@@ -1,6 +1,7 @@
 """Test helpers: small BraTS-layout NIfTI cases written on the fly."""
 
 import os
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -9,6 +10,21 @@ from aspp_resunet import labels as labels_lib
 from data_pipelines import synthetic
 
 SMALL_SHAPE = (24, 20, 16)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_command(workdir, config, *overrides):
+  """argv of train.py on configs/test.py with `config`'s data folders, plus `overrides`."""
+  return [sys.executable, 'train.py', '--config=configs/test.py', f'--workdir={workdir}',
+          f'--config.data.synthetic_dir={config.data.synthetic_dir}',
+          f'--config.data.prepared_dir={config.data.prepared_dir}', *overrides]
+
+
+def cpu_env(devices):
+  """The environment with `devices` forced CPU devices (for subprocesses)."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
 
 
 def case_volumes(shape=SMALL_SHAPE, seed=0, scheme_name='brats2020'):

@@ -16,8 +16,9 @@ from aspp_resunet import distributed
 from aspp_resunet import eval_lib
 from aspp_resunet import models
 from aspp_resunet import train_lib
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 STEPS = 4  # 6 training cases, global batch 4: one step per epoch
 
 
@@ -28,32 +29,37 @@ def _free_port():
 
 
 def _command(workdir, config, *extra):
-  return [sys.executable, 'train.py', '--config=configs/test.py', f'--workdir={workdir}',
-          f'--config.data.synthetic_dir={config.data.synthetic_dir}',
-          f'--config.data.prepared_dir={config.data.prepared_dir}',
-          '--config.train.batch_size=4', f'--config.train.num_epochs={STEPS}',
-          '--config.train.schedule=constant', '--config.train.log_every_steps=1', *extra]
+  return helpers.train_command(
+      workdir, config, '--config.train.batch_size=4', f'--config.train.num_epochs={STEPS}',
+      '--config.train.schedule=constant', '--config.train.log_every_steps=1', *extra)
 
 
-def _env(devices):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
+_env = helpers.cpu_env
 
 
-def _run_two_processes(workdir, config, *extra):
+def _two_processes(argv):
+  """Runs `argv` as processes 0 and 1 (2 CPU devices each) on loopback; [(stdout, stderr)]."""
   port = _free_port()
-  processes = [_launch(_command(workdir, config, *extra), port, i) for i in range(2)]
+  processes = [subprocess.Popen(
+      argv + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={index}'], cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for index in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-2000:]
   return outputs
 
 
-def _launch(argv, port, index):
-  return subprocess.Popen(argv + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                                  f'--process_id={index}'], cwd=REPO, env=_env(2),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _one_then_two_processes(argv, tmp_path):
+  """Runs `argv` in one process into tmp_path/one, then in two into tmp_path/two."""
+  single = subprocess.run(argv + [f'--output_dir={tmp_path / "one"}'], cwd=REPO, env=_env(1),
+                          capture_output=True, text=True, check=False)
+  assert single.returncode == 0, single.stderr[-2000:]
+  return _two_processes(argv + [f'--output_dir={tmp_path / "two"}'])
+
+
+def _run_two_processes(workdir, config, *extra):
+  return _two_processes(_command(workdir, config, *extra))
 
 
 def _train_losses(workdir):
@@ -117,13 +123,7 @@ def test_two_process_evaluation_shares_cases_and_gathers_them(single_process_run
           f'--config.data.synthetic_dir={config.data.synthetic_dir}',
           f'--config.data.prepared_dir={config.data.prepared_dir}', '--split=train',
           '--checkpoint=latest']
-  single = subprocess.run(argv + [f'--output_dir={tmp_path / "one"}'], cwd=REPO, env=_env(1),
-                          capture_output=True, text=True, check=False)
-  assert single.returncode == 0, single.stderr[-2000:]
-  port = _free_port()
-  processes = [_launch(argv + [f'--output_dir={tmp_path / "two"}'], port, i) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:]
+  outputs = _one_then_two_processes(argv, tmp_path)
   assert '6 train cases' in outputs[0][0] and 'train cases' not in outputs[1][0]
   for name in ('per_case.csv', 'per_case_model_resolution.csv'):
     assert (tmp_path / 'one' / name).read_text() == (tmp_path / 'two' / name).read_text()
@@ -134,13 +134,7 @@ def test_two_process_predict_shares_cases(single_process_run, tmp_path):
   config, workdir = single_process_run
   argv = [sys.executable, '-m', 'aspp_resunet.predict', f'--workdir={workdir}',
           f'--input_dir={config.data.synthetic_dir}', '--checkpoint=latest']
-  single = subprocess.run(argv + [f'--output_dir={tmp_path / "one"}'], cwd=REPO, env=_env(1),
-                          capture_output=True, text=True, check=False)
-  assert single.returncode == 0, single.stderr[-2000:]
-  port = _free_port()
-  processes = [_launch(argv + [f'--output_dir={tmp_path / "two"}'], port, i) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:]
+  outputs = _one_then_two_processes(argv, tmp_path)
   names = sorted(os.listdir(tmp_path / 'one'))
   assert len(names) == 8 and sorted(os.listdir(tmp_path / 'two')) == names
   assert 'wrote 8 segmentation(s)' in outputs[0][0] and 'wrote' not in outputs[1][0]

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -13,22 +12,18 @@ import numpy as np
 from aspp_resunet import checkpointing
 from aspp_resunet import eval_lib
 from aspp_resunet import train_lib
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
 def _command(workdir, config):
-  return [sys.executable, 'train.py', '--config=configs/test.py', f'--workdir={workdir}',
-          f'--config.data.synthetic_dir={config.data.synthetic_dir}',
-          f'--config.data.prepared_dir={config.data.prepared_dir}',
-          '--config.train.log_every_steps=1']
+  return helpers.train_command(workdir, config, '--config.train.log_every_steps=1')
 
 
 def _env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-  return env
+  return helpers.cpu_env(1)
 
 
 def _train_steps_logged(workdir):

@@ -4,7 +4,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 from aspp_resunet import checkpointing
 from aspp_resunet import train_lib
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ['default', 'baseline', 'demo', 'demo_baseline', 'test', 'brats_cpu', 'paper_gpu',
@@ -86,13 +86,8 @@ def test_rerun_of_finished_workdir_does_nothing(full_run):
 
 
 def _train_cli(workdir, config, *overrides, devices=1):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/test.py', f'--workdir={workdir}',
-       f'--config.data.synthetic_dir={config.data.synthetic_dir}',
-       f'--config.data.prepared_dir={config.data.prepared_dir}', *overrides],
-      cwd=REPO, capture_output=True, text=True, env=env, check=False)
+  return subprocess.run(helpers.train_command(workdir, config, *overrides), cwd=REPO,
+                        capture_output=True, text=True, env=helpers.cpu_env(devices), check=False)
 
 
 def test_one_and_four_devices_give_the_same_loss_curve(tiny_config, tmp_path):
