@@ -202,8 +202,8 @@ def evaluate(config, workdir, split, which, output_dir, compare_workdir=None, pr
 
 
 def _evaluate(config, workdir, split, which, output_dir, compare_workdir, progress):
-  os.makedirs(output_dir, exist_ok=True)
   result = evaluate_split(config, workdir, split, which, progress)
+  os.makedirs(output_dir, exist_ok=True)  # only once the data and checkpoint have been read
   per_case = result['original']
   write_per_case_csv(os.path.join(output_dir, 'per_case.csv'), per_case)
   write_per_case_csv(os.path.join(output_dir, 'per_case_model_resolution.csv'),

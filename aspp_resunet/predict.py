@@ -52,10 +52,6 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
   options = preprocess.PreprocessOptions(
       image_size=tuple(config.data.image_size), normalization=config.data.normalization,
       crop_to_brain=config.data.crop_to_brain)
-  model, variables, _ = eval_lib.restore_model(
-      config, workdir, which or config.eval.get('checkpoint', 'best'))
-  predict = eval_lib.predictor(model, config)
-  os.makedirs(output_dir, exist_ok=True)
   written, failures = 0, []
   # Several processes: case k goes to process k % count; each writes its own cases' files.
   all_cases = brats.discover_cases(input_dir, scheme)
@@ -72,6 +68,11 @@ def predict_folder(workdir, input_dir, output_dir, which=None, scheme_name=None,
     if bad:
       raise InvalidInputError(f'{bad} invalid case(s) in {input_dir}; nothing written (fix them, '
                               f'or --skip_invalid to segment the others)')
+  # The inputs are checked before the model is loaded and before the output folder exists.
+  model, variables, _ = eval_lib.restore_model(
+      config, workdir, which or config.eval.get('checkpoint', 'best'))
+  predict = eval_lib.predictor(model, config)
+  os.makedirs(output_dir, exist_ok=True)
   for case in my_cases:
     started = time.time()
     try:
@@ -106,7 +107,7 @@ def main(argv):
                                        flags_.checkpoint, flags_.scheme, flags_.mirror,
                                        skip_invalid=flags_.skip_invalid)
   except (distributed.DistributedError, eval_lib.EvaluationError, brats.DataDirError,
-          ValueError) as err:
+          ValueError, OSError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
   if jax.process_index() == 0:

@@ -168,10 +168,11 @@ def prepare_dataset(data_config):
 
 
 def _invalid_cases_error(errors, source_dir):
+  for err in errors:
+    report(str(err))  # every bad case on its own line, as validate prints them
   return brats.DataDirError(
-      f'{len(errors)} invalid case(s) in {source_dir}; first: {errors[0]} (run python -m '
-      f'data_pipelines.validate --data_dir={source_dir} for all, or set '
-      f'data.skip_invalid=True to leave them out)')
+      f'{len(errors)} invalid case(s) in {source_dir}, listed above (first: {errors[0]}); '
+      f'nothing was written: fix them, or set data.skip_invalid=True to leave them out')
 
 
 def _prepare_dataset(data_config):
@@ -307,9 +308,10 @@ def train_and_evaluate(config, workdir):
     TrainingError: a one-line reason training stopped (bad config, non-finite loss).
   """
   check_config(config)
+  # The data is checked (and prepared) first: a folder with bad cases leaves the workdir as it was.
+  builder = prepare_dataset(config.data)
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
-  builder = prepare_dataset(config.data)
   global_batch = config.train.batch_size
   steps_per_epoch = input_pipeline.steps_per_epoch(builder, global_batch)
   if steps_per_epoch == 0:

@@ -165,6 +165,12 @@ def _has_case(data_dir, scheme):
 def _check_case_id(case):
   if case.case_id in ('', '.', '..') or '/' in case.case_id or '\\' in case.case_id:
     raise CaseError(case.case_id, None, 'case id is not a plain folder name')
+  try:
+    case.case_id.encode('utf-8')
+  except UnicodeEncodeError:
+    # Case ids name output files and fill CSV, JSON and TFRecord fields, all UTF-8.
+    raise CaseError(case.case_id, None, 'folder name is not valid UTF-8 (rename the case '
+                    'folder)') from None
 
 
 def _check_files_present(case, scheme, require_seg):
@@ -262,6 +268,12 @@ def _check_intensities(case_id, path, volume):
                       '(NaN or Inf)')
   elif volume.dtype.kind not in 'iub':
     raise CaseError(case_id, path, f'unsupported voxel type {volume.dtype}')
+  low, high = volume.min(), volume.max()
+  if low == high:
+    # A blank modality is a failed export or conversion, not a scan: normalisation would turn it
+    # into zeros and the network would silently segment without that contrast.
+    raise CaseError(case_id, path, f'constant volume (every voxel is {low.item():g}): no image '
+                    'content')
   return volume.astype(np.float32, copy=False)
 
 
@@ -353,7 +365,10 @@ def write_nifti(path, volume, affine, header=None, compresslevel=1):
       stream.flush()
       os.fsync(stream.fileno())
     os.replace(temp_path, path)
-  except BaseException:
+  except BaseException as err:
     if os.path.exists(temp_path):
       os.remove(temp_path)
+    if isinstance(err, OSError) and err.errno is not None:
+      # Which file could not be written (a full disk reports only the errno).
+      raise OSError(err.errno, f'cannot write {printable(path)}: {err.strerror}') from None
     raise

@@ -175,12 +175,15 @@ def _small_data_config(tiny_config, tmp_path):
   return data
 
 
-def test_invalid_case_stops_preparation_before_anything_is_written(tiny_config, tmp_path):
+def test_invalid_case_stops_preparation_before_anything_is_written(tiny_config, tmp_path,
+                                                                  capsys):
   data = _small_data_config(tiny_config, tmp_path)
   with pytest.raises(brats.DataDirError) as info:
     train_lib.prepare_dataset(data)
   message = str(info.value)
-  assert message.startswith(f'1 invalid case(s) in {data.data_dir}; first: case case_bad: ')
+  assert message.startswith(f'1 invalid case(s) in {data.data_dir}, listed above (first: case '
+                            'case_bad: ')
+  assert capsys.readouterr().out.splitlines()[-1].startswith('case case_bad: case_bad_t2.nii.gz')
   assert 'data.skip_invalid=True' in message and '\n' not in message
   assert not os.path.exists(data.prepared_dir)
 
