@@ -42,7 +42,7 @@ def main(argv):
                                 FLAGS.compare_workdir)
   except (distributed.DistributedError, eval_lib.EvaluationError, stats.CaseMismatchError,
           brats.DataDirError, brats.CaseError, tfds_brats.SplitManifestError,
-          train_lib.TrainingError) as err:
+          train_lib.TrainingError, OSError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
   if not train_lib.is_main_process():

@@ -29,7 +29,7 @@ def main(argv):
     distributed.from_flags()
     summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (distributed.DistributedError, train_lib.TrainingError, brats.DataDirError,
-          brats.CaseError, tfds_brats.SplitManifestError) as err:
+          brats.CaseError, tfds_brats.SplitManifestError, OSError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
   if not train_lib.is_main_process():

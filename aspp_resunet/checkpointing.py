@@ -1,5 +1,6 @@
 """Orbax checkpoints in the workdir: the latest few (resume) and the best by validation Dice."""
 
+import errno
 import logging
 import os
 import shutil
@@ -11,6 +12,8 @@ import orbax.checkpoint as ocp
 LATEST = 'checkpoints'
 BEST = 'best'
 _TMP_MARKER = '.orbax-checkpoint-tmp'
+# Free space kept beyond the raw array bytes (metadata, JSON record, file system blocks).
+_SPACE_MARGIN = 4 * 2**20
 
 
 def _remove_partial_saves(directory):
@@ -24,6 +27,21 @@ def _remove_partial_saves(directory):
   for name in os.listdir(directory):
     if _TMP_MARKER in name:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (the message is one line); earlier ones are intact."""
+
+
+def _mib(size):
+  return f'{size / 2**20:.1f} MiB'
+
+
+def _write_failure(err):
+  text = ' '.join(str(err).split())
+  if 'No space left on device' in text or getattr(err, 'errno', None) == errno.ENOSPC:
+    return 'no space left on device'
+  return text[:300]
 
 
 def _manager(directory, keep):
@@ -45,11 +63,33 @@ class Checkpoints:
                       BEST: _manager(os.path.join(workdir, BEST), 1)}
 
   def save(self, which, step, state, record):
-    """Saves `state` (a flax struct) and `record` (JSON-able dict) as step `step` of `which`."""
-    self._managers[which].save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-        record=ocp.args.JsonSave(record)), force=True)
-    self._managers[which].wait_until_finished()
+    """Saves `state` (a flax struct) and `record` (JSON-able dict) as step `step` of `which`.
+
+    Raises:
+      CheckpointWriteError: not enough free space (checked before writing), or the write failed;
+        the partial folder is removed and the previous checkpoints are untouched.
+    """
+    manager = self._managers[which]
+    directory = str(manager.directory)
+    state_dict = serialization.to_state_dict(state)
+    # Checked up front: orbax reports a full disk from many writer threads at once, as pages
+    # of tracebacks, after part of the checkpoint is written.
+    needed = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(state_dict)) + _SPACE_MARGIN
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+      raise CheckpointWriteError(
+          f'checkpoint {which}/{step} not written: {directory} has {_mib(free)} free, a checkpoint '
+          f'needs up to {_mib(needed)}; the previous checkpoints are intact '
+          f'{self.steps(which)} (free space, then rerun to resume)')
+    try:
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_dict), record=ocp.args.JsonSave(record)), force=True)
+      manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001 - any failed write is reported the same way
+      _remove_partial_saves(directory)
+      raise CheckpointWriteError(
+          f'checkpoint {which}/{step} not written to {directory} ({_write_failure(err)}); the '
+          f'previous checkpoints are intact {self.steps(which)}') from None
 
   def steps(self, which):
     manager = self._managers[which]

@@ -2,12 +2,16 @@
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
+import pytest
 
 from aspp_resunet import checkpointing
 from aspp_resunet import eval_lib
@@ -120,3 +124,73 @@ def test_sigkill_during_dataset_preparation_then_rerun_completes(tiny_config, tm
   assert result.returncode == 0, result.stderr[-2000:]
   builder = train_lib.prepare_dataset(tiny_config.data)
   assert sum(builder.info.splits[s].num_examples for s in ('train', 'validation', 'test')) == 8
+
+
+_DISK_FULL_SCENARIO = r'''
+set -u
+mount -t tmpfs -o size=32m tmpfs "$DISK"
+step() {  # step NAME COMMAND...: output and exit status kept outside the small disk
+  name=$1; shift
+  "$@" > "$OUT/$name.stdout" 2> "$OUT/$name.stderr"; echo $? > "$OUT/$name.rc"
+}
+step first_epoch $TRAIN --config.train.num_epochs=1
+free_kib=$(df -k --output=avail "$DISK" | tail -1)
+fallocate -l $((free_kib * 1024)) "$DISK/filler" || true
+step predict_full $PREDICT
+truncate -s -64K "$DISK/filler"  # room for the logs, not for a checkpoint
+step second_epoch_full $TRAIN
+rm "$DISK/filler"
+step second_epoch_rerun $TRAIN
+find "$DISK" > "$OUT/files.txt"
+'''
+
+
+def _user_namespaces_can_mount():
+  try:
+    probe = subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+                            'mount -t tmpfs -o size=1m tmpfs /mnt'], capture_output=True,
+                           check=False)
+  except FileNotFoundError:
+    return False
+  return probe.returncode == 0
+
+
+def test_disk_full_while_checkpointing_or_predicting_then_rerun_completes(tiny_config, tmp_path):
+  if not _user_namespaces_can_mount():
+    pytest.skip('needs unshare with user namespaces to mount a small tmpfs')
+  disk, out, cases = tmp_path / 'disk', tmp_path / 'out', tmp_path / 'cases'
+  disk.mkdir()
+  out.mkdir()
+  helpers.write_case(str(cases), 'Case1')
+  workdir = str(disk / 'workdir')
+  train = shlex.join(_command(workdir, tiny_config))
+  predict = shlex.join([sys.executable, '-m', 'aspp_resunet.predict', f'--workdir={workdir}',
+                        f'--input_dir={cases}', f'--output_dir={disk / "predicted"}'])
+  env = dict(_env(), DISK=str(disk), OUT=str(out), TRAIN=train, PREDICT=predict)
+  subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'bash', '-c',
+                  _DISK_FULL_SCENARIO], cwd=REPO, env=env, check=True, timeout=600)
+
+  def outcome(name):
+    return (int((out / f'{name}.rc').read_text()), (out / f'{name}.stdout').read_text(),
+            (out / f'{name}.stderr').read_text())
+
+  rc, _, stderr = outcome('first_epoch')
+  assert rc == 0, stderr[-2000:]
+  rc, _, stderr = outcome('predict_full')
+  assert rc == 1 and 'Traceback' not in stderr, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith('error: ')
+  assert stderr.strip().splitlines()[-1] == (f'error: [Errno 28] cannot write {disk}/predicted/'
+                                             'Case1.nii.gz: No space left on device')
+  rc, _, stderr = outcome('second_epoch_full')
+  assert rc == 1 and 'Traceback' not in stderr, stderr[-2000:]
+  # The best series is saved only when validation improved; either series' save may be first.
+  assert re.match(rf'error: checkpoint (best|checkpoints)/12 not written: {workdir}/\1 has ',
+                  stderr.strip().splitlines()[-1]), stderr[-2000:]
+  assert stderr.strip().endswith('the previous checkpoints are intact [6] (free space, then '
+                                 'rerun to resume)')
+  rc, stdout, stderr = outcome('second_epoch_rerun')
+  assert rc == 0, stderr[-2000:]
+  assert 'resuming from step 6 (epoch 1)' in stdout and 'trained to step 12;' in stdout
+  files = (out / 'files.txt').read_text().splitlines()
+  assert not any(TMP_MARKER in name or '.tmp' in name for name in files), files
+  assert not any(name.endswith('.nii.gz') for name in files)  # the failed prediction left none

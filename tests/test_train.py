@@ -208,3 +208,28 @@ def test_accelerator_configs_keep_the_papers_model_data_and_optimizer(name):
                          ('train', 'learning_rate'), ('train', 'loss'), ('train', 'num_epochs'),
                          ('train', 'schedule')]:
     assert config[section][field] == paper[section][field], (section, field)
+
+
+_PICKLE_APIS = ('import pickle', 'cloudpickle', 'import dill', 'joblib', 'import shelve',
+                'import marshal', 'allow_pickle=True', 'torch.load(')
+
+
+def test_checkpoints_caches_and_logs_hold_no_pickle(full_run):
+  # Loading a pickle runs code: only orbax/tensorstore, JSON, NIfTI and TFRecord are written.
+  config, workdir, _ = full_run
+  checked = 0
+  for root in (workdir, config.data.prepared_dir, config.data.synthetic_dir):
+    for folder, _, names in os.walk(root):
+      for name in names:
+        with open(os.path.join(folder, name), 'rb') as stream:
+          head = stream.read(2)
+        assert not (head[:1] == b'\x80' and head[1:] in (b'\x02', b'\x03', b'\x04', b'\x05')), \
+            os.path.join(folder, name)
+        checked += 1
+  assert checked > 50
+  for package in ('aspp_resunet', 'data_pipelines', 'configs'):
+    for folder, _, names in os.walk(os.path.join(REPO, package)):
+      for name in names:
+        if name.endswith('.py'):
+          text = open(os.path.join(folder, name)).read()
+          assert not [api for api in _PICKLE_APIS if api in text], os.path.join(folder, name)
