@@ -186,9 +186,31 @@ def test_model_output_is_the_same_with_every_conv_impl():
 
 def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
   assert layers.resolve_conv_impl('auto') == 'depth2d'  # the tests run on CPU
+  limit = layers.DEPTH2D_STACK_LIMIT_BYTES
+  assert layers.resolve_conv_impl('auto', limit) == 'depth2d'
+  assert layers.resolve_conv_impl('auto', limit + 1) == 'lax'  # too much memory for the copy
+  assert layers.resolve_conv_impl('depth2d', limit + 1) == 'depth2d'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_impl('auto') == 'lax'
   assert layers.resolve_conv_impl('depth2d') == 'depth2d'
+
+
+def _spatial_ranks_of_convolutions(fn, *args):
+  jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args)  # a new function: no cached trace
+  return sorted(eqn.invars[0].aval.ndim - 2 for eqn in jaxpr.eqns
+                if eqn.primitive.name == 'conv_general_dilated')
+
+
+def test_auto_uses_lax_for_layers_whose_depth_stack_is_too_large(monkeypatch):
+  x = jnp.ones((1, 8, 8, 8, 4), jnp.float32)  # stacked copy: 3 x 8 KiB
+  kernel = jnp.ones((3, 3, 3, 4, 2), jnp.float32)
+
+  def conv(x, kernel):
+    return layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'auto')
+
+  assert _spatial_ranks_of_convolutions(conv, x, kernel) == [2]  # one 2D convolution
+  monkeypatch.setattr(layers, 'DEPTH2D_STACK_LIMIT_BYTES', 3 * x.nbytes - 1)
+  assert _spatial_ranks_of_convolutions(conv, x, kernel) == [3]  # the native 3D convolution
 
 
 def test_live_taps():
