@@ -52,7 +52,7 @@ def get_config():
   model.bn_momentum = 0.99  # BatchNorm running-average momentum (Keras default, the paper's)
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   model.remat = False  # recompute residual-block activations in the backward pass
-  model.conv_impl = 'auto'  # 3D conv: 'auto' (CPU: 'depth2d', else 'lax') | 'lax' | 'depth2d'
+  model.conv_impl = 'auto'  # 'auto' (CPU: per layer, see layers.py; else 'lax') | 'lax' | 'depth2d'
 
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 120  # paper
