@@ -28,6 +28,9 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev,bench]'
 	$(PY) benchmarks/synthetic_vs_real.py
 	$(PY) benchmarks/conv_impl.py
+	$(PY) benchmarks/conv_impl.py --experimental --repeats=2 \
+	    --shapes=96x64x64,64x128x128,32x256x256,16x512x512 \
+	    --output=benchmarks/results/conv_impl_experimental.json
 	$(PY) benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=float32
 	$(PY) benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=bfloat16
 	$(PY) benchmarks/inference.py --config=configs/demo.py

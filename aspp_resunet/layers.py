@@ -15,26 +15,31 @@ BATCH_NORM_EPSILON = 1e-3
 GROUP_NORM_GROUPS = 32
 
 
-CONV_IMPLS = ('auto', 'lax', 'depth2d')
-# 'auto' on CPU uses 'depth2d' only where its depth-stacked input copy (depth taps x input bytes)
-# is at most 256 MiB. The copies are kept for the backward pass: with 'depth2d' everywhere the
-# paper step (128^3) needs 24.3 GiB of XLA temporaries instead of 15.7 GiB with 'lax', and
-# at 64 filters on 96^3-128^3 maps 'depth2d' is only 7-9% faster than 'lax' anyway (its 6-10x
-# gains are on smaller maps). Measured: benchmarks/train_step.py, 128^3 paper step 131.8 s with
-# this limit, 130.1 s with 512 MiB (+0.7 GiB RSS), 282 s with 'lax' everywhere.
-DEPTH2D_STACK_LIMIT_BYTES = 256 * 2**20
+CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col')
+# 'auto' on CPU picks per layer by the size of the depth-stacked input copy that 'depth2d' would
+# keep for the backward pass (depth taps x input bytes): 'depth2d' up to 64 MiB (the small maps,
+# where it is 1.3-9x faster than 'lax'), 'im2col' up to 1 GiB, 'lax' above (benchmarks/
+# conv_impl.py --experimental: at 64^3 x 128 filters 'depth2d' 5.26 s, 'lax' 4.95 s, 'im2col'
+# 3.77 s). 'depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper step at
+# 128^3 ('lax' 15.7 GiB); 'im2col' on its 128^3 x 64-filter level as well is killed for lack of
+# memory here (20.0 GiB of temporaries), so that level stays 'lax'. Paper step at 96^3
+# (benchmarks/train_step.py): 43.0 s with these limits, 57.4 s with 'depth2d' everywhere.
+DEPTH2D_STACK_LIMIT_BYTES = 64 * 2**20
+IM2COL_STACK_LIMIT_BYTES = 2**30
+# 'im2col' builds the column matrix of this many bytes at most at a time (whole depth slices):
+# one slice of a 128^3 x 64-filter map is 113 MiB of columns.
+IM2COL_BLOCK_BYTES = 128 * 2**20
 
 
 def resolve_conv_impl(conv_impl, stacked_bytes=0):
-  """'auto' -> 'depth2d' on CPU (XLA:CPU runs 2D convolutions 1.3-10x faster than 3D ones,
-  benchmarks/conv_impl.py) unless its stacked copy (`stacked_bytes`) exceeds
-  DEPTH2D_STACK_LIMIT_BYTES; 'lax' (one native 3D convolution) on GPU/TPU."""
+  """'auto' -> 'lax' (one native 3D convolution) on GPU/TPU; on CPU 'depth2d', 'im2col' or
+  'lax' by the layer's depth-stacked copy size `stacked_bytes` (see DEPTH2D_STACK_LIMIT_BYTES)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
   if conv_impl == 'auto':
-    if jax.default_backend() != 'cpu' or stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES:
+    if jax.default_backend() != 'cpu' or stacked_bytes > IM2COL_STACK_LIMIT_BYTES:
       return 'lax'
-    return 'depth2d'
+    return 'im2col' if stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES else 'depth2d'
   return conv_impl
 
 
@@ -43,13 +48,17 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
 
   'depth2d' computes exactly the same sum as 'lax' as one 2D convolution: the depth taps are
   folded into the input channels (a depth-shifted copy of the input per tap, concatenated) and
-  the depth axis into the batch.
+  the depth axis into the batch. 'im2col' computes it as matrix products, a few depth slices
+  at a time (see `_im2col_conv`).
   """
   stacked_bytes = kernel.shape[0] * x.size * x.dtype.itemsize
-  if resolve_conv_impl(conv_impl, stacked_bytes) == 'lax':
+  impl = resolve_conv_impl(conv_impl, stacked_bytes)
+  if impl == 'lax':
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1, 1), padding=padding, rhs_dilation=(dilation,) * 3,
         dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  if impl == 'im2col':
+    return _im2col_conv(x, kernel, dilation, padding)
   batch, depth, height, width, channels = x.shape
   depth_taps = kernel.shape[0]
   padded = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
@@ -63,6 +72,41 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
       stacked, kernel_2d, window_strides=(1, 1), padding=padding[1:],
       rhs_dilation=(dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return y.reshape(batch, depth, height, width, kernel.shape[4])
+
+
+def _im2col_conv(x, kernel, dilation, padding):
+  """The convolution as one matrix product per block of output depth slices.
+
+  Each block's column matrix (every tap's view of the padded input, side by side) is built,
+  multiplied by the flattened kernel and dropped; under `lax.map` with a rematerialised body
+  the backward pass rebuilds it block by block, so no column matrix outlives its block and the
+  memory stays that of the native convolution. Products accumulate in float32.
+  """
+  batch = x.shape[0]
+  out_shape = [size + lo + hi - (k - 1) * dilation
+               for size, (lo, hi), k in zip(x.shape[1:4], padding, kernel.shape[:3])]
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  matrix = kernel.reshape(-1, kernel.shape[-1])  # rows in (kd, kh, kw, in) order
+  slice_bytes = batch * out_shape[1] * out_shape[2] * matrix.shape[0] * x.dtype.itemsize
+  block = max(b for b in range(1, out_shape[0] + 1)
+              if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+  halo = (kernel.shape[0] - 1) * dilation
+  offsets = [(a * dilation, b * dilation, c * dilation) for a in range(kernel.shape[0])
+             for b in range(kernel.shape[1]) for c in range(kernel.shape[2])]
+
+  @jax.checkpoint
+  def block_product(padded, matrix, index):
+    slab = jax.lax.dynamic_slice_in_dim(padded, index * block, block + halo, axis=1)
+    columns = jnp.concatenate(
+        [slab[:, a:a + block, b:b + out_shape[1], c:c + out_shape[2]] for a, b, c in offsets],
+        axis=-1)
+    product = jnp.dot(columns.reshape(-1, matrix.shape[0]), matrix,
+                      preferred_element_type=jnp.float32)
+    return product.astype(x.dtype).reshape(batch, block, *out_shape[1:], matrix.shape[1])
+
+  blocks = jax.lax.map(lambda index: block_product(padded, matrix, index),
+                       jnp.arange(out_shape[0] // block))
+  return jnp.moveaxis(blocks, 0, 1).reshape(batch, *out_shape, matrix.shape[1])
 
 
 def live_taps(kernel_size, dilation, input_size):

@@ -71,3 +71,28 @@ def report(path, figures):
     print(f'{key:{width}s}{value}')
   write_result(path, figures)
   print(f'wrote {path}')
+
+
+def step_flops(config, state, batch):
+  """FLOPs of one training step, counted by XLA on the step lowered with native convolutions.
+
+  XLA's cost analysis counts a loop body once, not once per trip, so the 'im2col' convolutions
+  (a lax.map over depth blocks) would be undercounted; the arithmetic is the same whatever
+  `conv_impl` computes it.
+  """
+  import functools
+
+  import jax
+
+  from aspp_resunet import models
+  from aspp_resunet import train_lib
+
+  config = config.copy_and_resolve_references()
+  config.model.conv_impl = 'lax'
+  step = jax.jit(functools.partial(train_lib.train_step, loss_name=config.train.loss))
+  model = models.create_model(config.model)
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                    (state.replace(apply_fn=model.apply), batch))
+  cost = step.lower(*abstract).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')

@@ -2,10 +2,15 @@
 forward+backward, on the shapes of the demo and paper models.
 
 python benchmarks/conv_impl.py [--shapes=48x8x8,24x16x16,...]   (size x in x out [x dilation])
-Writes benchmarks/results/conv_impl.json.
+Writes benchmarks/results/conv_impl.json. With --experimental it also times a formulation tried
+for issue 6 and not adopted (a sum of one matrix product per tap), checks every formulation
+against `lax` and reports XLA's temporary memory of forward+backward:
+python benchmarks/conv_impl.py --experimental --shapes=96x64x64,64x128x128,32x256x256,16x512x512 \
+    --output=benchmarks/results/conv_impl_experimental.json
 """
 
 import functools
+import itertools
 import os
 import sys
 import time
@@ -25,7 +30,35 @@ flags.DEFINE_list('shapes', ['48x8x8', '48x16x8', '24x16x16', '12x32x32', '6x64x
                   'Cubic input size x input channels x output channels [x dilation].')
 flags.DEFINE_integer('repeats', 5, 'Timed calls (median) after one compiling call.')
 flags.DEFINE_string('output', 'benchmarks/results/conv_impl.json', 'Result JSON.')
+flags.DEFINE_bool('experimental', False, 'Also time the tap-sum and chunked-im2col formulations.')
 FLAGS = flags.FLAGS
+
+
+def _taps(kernel, dilation):
+  """Offsets into the padded input of every kernel tap, in the kernel's (d, h, w) order."""
+  return [tuple(t * dilation for t in tap)
+          for tap in itertools.product(*(range(k) for k in kernel.shape[:3]))]
+
+
+def tap_sum_conv(x, kernel, dilation, padding):
+  """One matrix product per kernel tap on a shifted view, accumulated in float32."""
+  _, depth, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  total = 0
+  for (a, b, c), weights in zip(_taps(kernel, dilation),
+                                kernel.reshape(-1, *kernel.shape[3:])):
+    view = padded[:, a:a + depth, b:b + height, c:c + width]
+    total = total + jnp.einsum('bdhwc,cf->bdhwf', view, weights,
+                               preferred_element_type=jnp.float32)
+  return total.astype(x.dtype)
+
+
+def _formulations():
+  formulations = {impl: functools.partial(layers.conv3d_same, conv_impl=impl)
+                  for impl in ('lax', 'depth2d', 'im2col')}
+  if FLAGS.experimental:
+    formulations['tap_sum'] = tap_sum_conv
+  return formulations
 
 
 def _median_seconds(fn, *args):
@@ -50,15 +83,23 @@ def main(argv):
     padding = [(dilation, dilation)] * 3
     flops = 2 * size**3 * 27 * in_features * out_features
     row = {'shape': spec, 'flops_forward': flops}
-    for impl in ('lax', 'depth2d'):
-      conv = functools.partial(layers.conv3d_same, dilation=dilation, padding=padding,
-                               conv_impl=impl)
+    for impl, formulation in _formulations().items():
+      conv = functools.partial(formulation, dilation=dilation, padding=padding)
       forward = jax.jit(conv)
       backward = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k)**2), (0, 1)))
       row[f'{impl}_forward_seconds'] = _median_seconds(forward, x, kernel)
       row[f'{impl}_forward_backward_seconds'] = _median_seconds(backward, x, kernel)
       row[f'{impl}_forward_backward_gflops'] = 3 * flops / row[
           f'{impl}_forward_backward_seconds'] / 1e9
+      if FLAGS.experimental:
+        reference = layers.conv3d_same(x, kernel, dilation, padding, 'lax')
+        row[f'{impl}_max_abs_difference_vs_lax'] = float(jnp.max(jnp.abs(forward(x, kernel) -
+                                                                          reference)))
+        memory = backward.lower(x, kernel).compile().memory_analysis()
+        row[f'{impl}_forward_backward_temp_mib'] = memory.temp_size_in_bytes / 2**20
+        print(f'{spec:14s} {impl:15s} fwd+bwd {row[f"{impl}_forward_backward_seconds"]:.3f} s, '
+              f'{row[f"{impl}_forward_backward_gflops"]:.0f} GFLOP/s, XLA temporaries '
+              f'{row[f"{impl}_forward_backward_temp_mib"]:.0f} MiB', flush=True)
     row['forward_backward_speedup'] = (row['lax_forward_backward_seconds'] /
                                        row['depth2d_forward_backward_seconds'])
     rows.append(row)

@@ -42,9 +42,7 @@ def main(argv):
   started = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - started
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  flops = common.step_flops(config, state, batch)
   memory = compiled.memory_analysis()
   times = []
   for _ in range(FLAGS.steps + 1):

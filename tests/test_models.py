@@ -140,8 +140,9 @@ def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
       dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
 
 
+@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col'])
 @pytest.mark.parametrize('seed', range(6))
-def test_depth2d_gradients_equal_lax_on_random_shapes(seed):
+def test_gradients_equal_lax_on_random_shapes(seed, conv_impl):
   rng = np.random.default_rng(seed)
   size = tuple(int(s) for s in rng.integers(1, 10, 3))
   in_features, out_features = (int(c) for c in rng.integers(1, 9, 2))
@@ -157,16 +158,17 @@ def test_depth2d_gradients_equal_lax_on_random_shapes(seed):
     return jnp.sum(y * cotangent)
 
   expected = jax.grad(functools.partial(loss, 'lax'), argnums=(0, 1))(x, kernel)
-  got = jax.grad(functools.partial(loss, 'depth2d'), argnums=(0, 1))(x, kernel)
+  got = jax.grad(functools.partial(loss, conv_impl), argnums=(0, 1))(x, kernel)
   for g, e in zip(got, expected):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
 
 
-def test_depth2d_bfloat16_matches_float32_reference():
+@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col'])
+def test_bfloat16_matches_float32_reference(conv_impl):
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 8)), jnp.bfloat16)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 4)) * 0.2, jnp.bfloat16)
-  got = layers.conv3d_same(x, kernel, 2, [(2, 2)] * 3, 'depth2d')
+  got = layers.conv3d_same(x, kernel, 2, [(2, 2)] * 3, conv_impl)
   assert got.dtype == jnp.bfloat16
   expected = _reference_conv(x.astype(jnp.float32), kernel.astype(jnp.float32), 2)
   # bfloat16 keeps 8 significant bits: products summed over 216 taps, relative error ~1e-2.
@@ -176,20 +178,23 @@ def test_depth2d_bfloat16_matches_float32_reference():
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
-  for conv_impl in ('lax', 'depth2d'):
+  for conv_impl in ('lax', 'depth2d', 'im2col'):
     model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2,
                    aspp_rates=(1, 2, 3), conv_impl=conv_impl)
     variables = _jit_init(model)(KEY, x, train=False)
     outputs.append(_jit_apply(model)(variables, x, train=False))
-  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+  for output in outputs[1:]:
+    np.testing.assert_allclose(output, outputs[0], rtol=1e-4, atol=1e-4)
 
 
 def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
   assert layers.resolve_conv_impl('auto') == 'depth2d'  # the tests run on CPU
-  limit = layers.DEPTH2D_STACK_LIMIT_BYTES
-  assert layers.resolve_conv_impl('auto', limit) == 'depth2d'
-  assert layers.resolve_conv_impl('auto', limit + 1) == 'lax'  # too much memory for the copy
-  assert layers.resolve_conv_impl('depth2d', limit + 1) == 'depth2d'
+  depth2d_limit, im2col_limit = layers.DEPTH2D_STACK_LIMIT_BYTES, layers.IM2COL_STACK_LIMIT_BYTES
+  assert layers.resolve_conv_impl('auto', depth2d_limit) == 'depth2d'
+  assert layers.resolve_conv_impl('auto', depth2d_limit + 1) == 'im2col'
+  assert layers.resolve_conv_impl('auto', im2col_limit) == 'im2col'
+  assert layers.resolve_conv_impl('auto', im2col_limit + 1) == 'lax'  # the least memory
+  assert layers.resolve_conv_impl('depth2d', im2col_limit + 1) == 'depth2d'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_impl('auto') == 'lax'
   assert layers.resolve_conv_impl('depth2d') == 'depth2d'
@@ -201,7 +206,7 @@ def _spatial_ranks_of_convolutions(fn, *args):
                 if eqn.primitive.name == 'conv_general_dilated')
 
 
-def test_auto_uses_lax_for_layers_whose_depth_stack_is_too_large(monkeypatch):
+def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
   x = jnp.ones((1, 8, 8, 8, 4), jnp.float32)  # stacked copy: 3 x 8 KiB
   kernel = jnp.ones((3, 3, 3, 4, 2), jnp.float32)
 
@@ -210,6 +215,8 @@ def test_auto_uses_lax_for_layers_whose_depth_stack_is_too_large(monkeypatch):
 
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == [2]  # one 2D convolution
   monkeypatch.setattr(layers, 'DEPTH2D_STACK_LIMIT_BYTES', 3 * x.nbytes - 1)
+  assert _spatial_ranks_of_convolutions(conv, x, kernel) == []  # im2col: matrix products
+  monkeypatch.setattr(layers, 'IM2COL_STACK_LIMIT_BYTES', 3 * x.nbytes - 1)
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == [3]  # the native 3D convolution
 
 
@@ -320,7 +327,7 @@ def test_unknown_options_are_refused():
   with pytest.raises(ValueError, match='norm must be one of'):
     layers.make_norm('layer', True, jnp.float32, 'n')
   with pytest.raises(ValueError, match='conv_impl must be one of'):
-    _model(conv_impl='im2col')
+    _model(conv_impl='winograd')
 
 
 @pytest.mark.parametrize('momentum', [0.99, 0.9])
@@ -337,3 +344,17 @@ def test_bn_momentum_sets_the_running_average_update(momentum):
   expected = (1 - momentum) * conv1.mean(axis=(0, 1, 2, 3))
   np.testing.assert_allclose(updates['batch_stats']['norm1']['mean'], expected, rtol=1e-3,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize('block_bytes', [1, 10**9])  # one depth slice per block / all at once
+def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 1, 3, 3, 4)), jnp.float32)  # a trimmed kernel
+  padding = [(2, 2), (0, 0), (2, 2)]
+  monkeypatch.setattr(layers, 'IM2COL_BLOCK_BYTES', block_bytes)
+  got = layers.conv3d_same(x, kernel, 2, padding, 'im2col')
+  expected = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1, 1), padding, rhs_dilation=(2, 2, 2),
+      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
