@@ -19,8 +19,8 @@ CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col')
 # 'auto' on CPU picks per layer by the size of the depth-stacked input copy that 'depth2d' would
 # keep for the backward pass (depth taps x input bytes): 'depth2d' up to 64 MiB (the small maps,
 # where it is 1.3-9x faster than 'lax'), 'im2col' up to 1 GiB, 'lax' above (benchmarks/
-# conv_impl.py --experimental: at 64^3 x 128 filters 'depth2d' 5.26 s, 'lax' 4.95 s, 'im2col'
-# 3.77 s). 'depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper step at
+# conv_impl.py --experimental: at 64^3 x 128 filters 'depth2d' 5.66 s, 'lax' 5.02 s, 'im2col'
+# 3.69 s). 'depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper step at
 # 128^3 ('lax' 15.7 GiB); 'im2col' on its 128^3 x 64-filter level as well is killed for lack of
 # memory here (20.0 GiB of temporaries), so that level stays 'lax'. Paper step at 96^3
 # (benchmarks/train_step.py): 43.0 s with these limits, 57.4 s with 'depth2d' everywhere.
