@@ -74,6 +74,12 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   return y.reshape(batch, depth, height, width, kernel.shape[4])
 
 
+def tap_offsets(kernel_shape, dilation):
+  """Offsets into the padded input read by each kernel tap, in the kernel's (d, h, w) order."""
+  return [(a * dilation, b * dilation, c * dilation) for a in range(kernel_shape[0])
+          for b in range(kernel_shape[1]) for c in range(kernel_shape[2])]
+
+
 def _im2col_conv(x, kernel, dilation, padding):
   """The convolution as one matrix product per block of output depth slices.
 
@@ -91,8 +97,7 @@ def _im2col_conv(x, kernel, dilation, padding):
   block = max(b for b in range(1, out_shape[0] + 1)
               if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
   halo = (kernel.shape[0] - 1) * dilation
-  offsets = [(a * dilation, b * dilation, c * dilation) for a in range(kernel.shape[0])
-             for b in range(kernel.shape[1]) for c in range(kernel.shape[2])]
+  offsets = tap_offsets(kernel.shape, dilation)
 
   @jax.checkpoint
   def block_product(padded, matrix, index):

@@ -167,7 +167,8 @@ def prepare_dataset(data_config):
   return _prepare_dataset(data_config)
 
 
-def _invalid_cases_error(errors, source_dir):
+def _report_invalid_cases(errors, source_dir):
+  """Prints every invalid case (one line each) and returns the one-line error to raise."""
   for err in errors:
     report(str(err))  # every bad case on its own line, as validate prints them
   return brats.DataDirError(
@@ -183,14 +184,14 @@ def _prepare_dataset(data_config):
     # unless data.skip_invalid leaves them out of the split.
     errors = tfds_brats.validate_cases(data_config, source_dir)
     if errors and not data_config.get('skip_invalid', False):
-      raise _invalid_cases_error(errors, source_dir)
+      raise _report_invalid_cases(errors, source_dir)
     excluded, validated = {err.case_id: str(err) for err in errors}, True
   builder = tfds_brats.builder_for(data_config, source_dir, excluded)
   if not os.path.isdir(builder.data_dir) and not validated:
     listed = {c for ids in builder.builder_config.splits.values() for c in ids}
     errors = tfds_brats.validate_cases(data_config, source_dir, listed)
     if errors:
-      raise _invalid_cases_error(errors, source_dir)
+      raise _report_invalid_cases(errors, source_dir)
   builder = tfds_brats.prepare(data_config, source_dir)
   skipped = tfds_brats.excluded_cases(data_config, source_dir)
   if skipped:

@@ -80,6 +80,7 @@ def step_flops(config, state, batch):
   (a lax.map over depth blocks) would be undercounted; the arithmetic is the same whatever
   `conv_impl` computes it.
   """
+  # Imported here: the data benchmarks that use this module need neither jax nor the trainer.
   import functools
 
   import jax

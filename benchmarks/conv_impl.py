@@ -10,7 +10,6 @@ python benchmarks/conv_impl.py --experimental --shapes=96x64x64,64x128x128,32x25
 """
 
 import functools
-import itertools
 import os
 import sys
 import time
@@ -30,14 +29,9 @@ flags.DEFINE_list('shapes', ['48x8x8', '48x16x8', '24x16x16', '12x32x32', '6x64x
                   'Cubic input size x input channels x output channels [x dilation].')
 flags.DEFINE_integer('repeats', 5, 'Timed calls (median) after one compiling call.')
 flags.DEFINE_string('output', 'benchmarks/results/conv_impl.json', 'Result JSON.')
-flags.DEFINE_bool('experimental', False, 'Also time the tap-sum and chunked-im2col formulations.')
+flags.DEFINE_bool('experimental', False, 'Also time the tap-sum formulation, check every '
+                  'formulation against lax and report XLA temporary memory.')
 FLAGS = flags.FLAGS
-
-
-def _taps(kernel, dilation):
-  """Offsets into the padded input of every kernel tap, in the kernel's (d, h, w) order."""
-  return [tuple(t * dilation for t in tap)
-          for tap in itertools.product(*(range(k) for k in kernel.shape[:3]))]
 
 
 def tap_sum_conv(x, kernel, dilation, padding):
@@ -45,7 +39,7 @@ def tap_sum_conv(x, kernel, dilation, padding):
   _, depth, height, width, _ = x.shape
   padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   total = 0
-  for (a, b, c), weights in zip(_taps(kernel, dilation),
+  for (a, b, c), weights in zip(layers.tap_offsets(kernel.shape, dilation),
                                 kernel.reshape(-1, *kernel.shape[3:])):
     view = padded[:, a:a + depth, b:b + height, c:c + width]
     total = total + jnp.einsum('bdhwc,cf->bdhwf', view, weights,

@@ -177,7 +177,12 @@ def write_non_utf8_case(root):
   return bad
 
 
-def case_id(bad_case):
+# The same, as a corpus entry (its folder name is fixed, whatever case id it is given).
+NON_UTF8 = BadCase('non_utf8_name', lambda root, _: write_non_utf8_case(root), NON_UTF8_MESSAGE)
+
+
+def bad_case_id(bad_case):
+  """The case id `write_corpus` gives `bad_case`'s folder."""
   return f'Bad_{bad_case.name}'
 
 
@@ -191,5 +196,5 @@ def write_corpus(root, good_cases=0, bad_cases=CASES):
   for index, good_id in enumerate(good):
     helpers.write_case(root, good_id, seed=index)
   for bad_case in bad_cases:
-    bad_case.write(root, case_id(bad_case))
+    bad_case.write(root, bad_case_id(bad_case))
   return good

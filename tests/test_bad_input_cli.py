@@ -29,9 +29,10 @@ def _as_user():
 
 
 def _corpus_cases():
+  cases = bad_inputs.CASES + (bad_inputs.NON_UTF8,)
   if _as_user() is None:  # cannot make a file unreadable to the commands
-    return tuple(c for c in bad_inputs.CASES if c.name != 'unreadable_file')
-  return bad_inputs.CASES
+    return tuple(c for c in cases if c.name != 'unreadable_file')
+  return cases
 
 
 def _run(*argv):
@@ -45,25 +46,18 @@ def _train(*overrides):
   return _run('train.py', '--config=configs/test.py', *overrides)
 
 
-def _expected_lines(for_predict=False):
-  lines = {bad_inputs.NON_UTF8_MESSAGE}
-  for bad_case in _corpus_cases():
-    if not (for_predict and bad_case.segmentation_only):
-      lines.add(bad_case)
-  return lines
-
-
 def _assert_each_bad_case_once(output, for_predict=False):
-  """Every expected bad case has exactly one line in `output`, and nothing else is a case line."""
+  """Every expected bad case has exactly one line in `output`, and nothing else is a case line.
+
+  Returns:
+    The number of bad cases expected.
+  """
   lines = [line.strip() for line in output.splitlines() if line.strip().startswith('case ')]
-  expected = _expected_lines(for_predict)
+  expected = [c for c in _corpus_cases() if not (for_predict and c.segmentation_only)]
   assert len(lines) == len(expected), '\n'.join(lines)
-  for item in expected:
-    if isinstance(item, str):
-      assert lines.count(item) == 1, item
-    else:
-      found = [line for line in lines if item.matches(line, bad_inputs.case_id(item))]
-      assert len(found) == 1, (item.name, lines)
+  for bad_case in expected:
+    found = [line for line in lines if bad_case.matches(line, bad_inputs.bad_case_id(bad_case))]
+    assert len(found) == 1, (bad_case.name, lines)
   return len(expected)
 
 
@@ -73,7 +67,6 @@ def corpus(tmp_path_factory):
   root = tmp_path_factory.mktemp('corpus')
   data_dir = str(root / 'cases')
   bad_inputs.write_corpus(data_dir, GOOD_CASES, _corpus_cases())
-  bad_inputs.write_non_utf8_case(data_dir)
   return data_dir
 
 
