@@ -126,12 +126,105 @@ def live_taps(kernel_size, dilation, input_size):
   return [o for o in range(-half, half + 1) if abs(o) * dilation < input_size]
 
 
+def upsample_nearest(x):
+  """x2 nearest-neighbour upsampling of the three spatial axes of (batch, X, Y, Z, C)."""
+  for axis in (1, 2, 3):
+    x = jnp.repeat(x, 2, axis=axis)
+  return x
+
+
+def _same_conv(x, kernel, dilation, conv_impl):
+  """'SAME' stride-1 convolution by a (k, k, k, in, out) kernel, skipping taps that can only
+  read padding (see `live_taps`)."""
+  k = kernel.shape[0]
+  keep = [live_taps(k, dilation, size) for size in x.shape[1:4]]
+  # Live taps are symmetric around the centre, so the trimmed kernel is still 'SAME'.
+  kernel = kernel[tuple(slice(t[0] + k // 2, t[-1] + k // 2 + 1) for t in keep)]
+  if all(len(t) == 1 for t in keep):
+    return jnp.einsum('bxyzc,cf->bxyzf', x, kernel[0, 0, 0])  # a 1x1x1 conv is a matmul
+  padding = [(-t[0] * dilation, t[-1] * dilation) for t in keep]
+  return conv3d_same(x, kernel, dilation, padding, conv_impl)
+
+
+def _upsampled_conv(x, kernel, conv_impl):
+  """`_same_conv(upsample_nearest(x), kernel)` without building the upsampled map.
+
+  Along one axis, output 2i of a 3-tap kernel (w0, w1, w2) reads upsampled positions 2i-1, 2i,
+  2i+1, i.e. coarse x[i-1], x[i], x[i], so it equals the 2-tap kernel (w0, w1 + w2) on the coarse
+  map at offsets (-1, 0); output 2i+1 equals (w0 + w1, w2) at offsets (0, +1) (padding maps to
+  padding). The 8 output phases are 2x2x2 convolutions of the coarse map, interleaved: 64 taps
+  per coarse voxel instead of 8 x 27 = 216, and no upsampled copy to keep for the backward pass.
+  A 1x1x1 kernel commutes with the upsampling.
+  """
+  if kernel.shape[0] == 1:
+    return upsample_nearest(jnp.einsum('bxyzc,cf->bxyzf', x, kernel[0, 0, 0]))
+  if kernel.shape[:3] != (3, 3, 3):
+    raise ValueError(f'upsampled convolution needs a 1 or 3 kernel, got {kernel.shape[:3]}')
+  phase_kernels = []
+  for phase in PHASES:
+    phase_kernel = kernel
+    for axis, odd in enumerate(phase):
+      first, middle, last = (jnp.take(phase_kernel, tap, axis=axis) for tap in range(3))
+      pair = (first + middle, last) if odd else (first, middle + last)
+      phase_kernel = jnp.stack(pair, axis=axis)
+    phase_kernels.append(phase_kernel)
+  impl = resolve_conv_impl(conv_impl, 2 * x.size * x.dtype.itemsize)
+  if impl == 'im2col':
+    return _upsampled_im2col_conv(x, phase_kernels)
+  phases = [conv3d_same(x, phase_kernel, 1, [(0, 1) if odd else (1, 0) for odd in phase], impl)
+            for phase, phase_kernel in zip(PHASES, phase_kernels)]
+  return _interleave_phases(jnp.stack(phases))
+
+
+PHASES = tuple(np.ndindex(2, 2, 2))  # (x, y, z) parity of an upsampled output voxel
+
+
+def _interleave_phases(stacked):
+  """(8 phases, batch, X, Y, Z, C) -> (batch, 2X, 2Y, 2Z, C), phase (a, b, c) at (2i+a, ...)."""
+  _, batch, *size, features = stacked.shape
+  stacked = stacked.reshape(2, 2, 2, batch, *size, features)
+  return jnp.transpose(stacked, (3, 4, 0, 5, 1, 6, 2, 7)).reshape(
+      batch, *(2 * s for s in size), features)
+
+
+def _upsampled_im2col_conv(x, phase_kernels):
+  """The 8 phase convolutions of `_upsampled_conv` as matrix products, all phases of a block
+  of depth slices in one step of one loop (8 separate loops keep 8 sets of buffers alive)."""
+  batch, depth, height, width, channels = x.shape
+  features = phase_kernels[0].shape[-1]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+  matrices = jnp.stack([k.reshape(-1, features) for k in phase_kernels])
+  slice_bytes = batch * height * width * matrices.shape[1] * x.dtype.itemsize
+  block = max(b for b in range(1, depth + 1)
+              if depth % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+  taps = tap_offsets((2, 2, 2), 1)
+
+  @jax.checkpoint
+  def block_product(padded, matrices, index):
+    slab = jax.lax.dynamic_slice_in_dim(padded, index * block, block + 2, axis=1)
+    outputs = []
+    for matrix, (p, q, r) in zip(matrices, PHASES):
+      # Phase parity 0 reads coarse offsets (-1, 0), parity 1 (0, +1): padded index + parity.
+      columns = jnp.concatenate(
+          [slab[:, p + a:p + a + block, q + b:q + b + height, r + c:r + c + width]
+           for a, b, c in taps], axis=-1)
+      product = jnp.dot(columns.reshape(-1, matrix.shape[0]), matrix,
+                        preferred_element_type=jnp.float32)
+      outputs.append(product.astype(x.dtype).reshape(batch, block, height, width, features))
+    return _interleave_phases(jnp.stack(outputs))
+
+  blocks = jax.lax.map(lambda index: block_product(padded, matrices, index),
+                       jnp.arange(depth // block))
+  return jnp.moveaxis(blocks, 0, 1).reshape(batch, 2 * depth, 2 * height, 2 * width, features)
+
+
 class Conv3D(nn.Module):
   """3D 'SAME' convolution, stride 1, channels-last; params float32, compute in `dtype`.
 
   Parameters are named like nn.Conv ('kernel' (k, k, k, in, out), 'bias'), so checkpoints do
   not depend on how the convolution is computed (`conv_impl`, see `conv3d_same`). Taps that
-  can only read padding are skipped.
+  can only read padding are skipped. With `skip`, the input is the decoder's
+  concat([upsample_nearest(x), skip]), computed without building it (`_upsampled_conv`).
   """
 
   features: int
@@ -146,21 +239,20 @@ class Conv3D(nn.Module):
   kernel_init: Any = nn.initializers.glorot_uniform()
 
   @nn.compact
-  def __call__(self, x):
-    in_features = x.shape[-1]
+  def __call__(self, x, skip=None):
+    in_features = x.shape[-1] + (0 if skip is None else skip.shape[-1])
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, k, in_features, self.features),
                         self.param_dtype)
-    spatial = x.shape[1:4]
-    keep = [live_taps(k, self.dilation, size) for size in spatial]
-    # Live taps are symmetric around the centre, so the trimmed kernel is still 'SAME'.
-    kernel = kernel[tuple(slice(t[0] + k // 2, t[-1] + k // 2 + 1) for t in keep)]
-    padding = [(-t[0] * self.dilation, t[-1] * self.dilation) for t in keep]
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if all(len(t) == 1 for t in keep):
-      y = jnp.einsum('bxyzc,cf->bxyzf', x, kernel[0, 0, 0])  # a 1x1x1 conv is a matmul
+    if skip is None:
+      y = _same_conv(x, kernel, self.dilation, self.conv_impl)
     else:
-      y = conv3d_same(x, kernel, self.dilation, padding, self.conv_impl)
+      if self.dilation != 1:
+        raise ValueError('the upsampled (decoder) convolution is not dilated')
+      coarse = x.shape[-1]  # concat order: the upsampled map's channels, then the skip's
+      y = (_upsampled_conv(x, kernel[..., :coarse, :], self.conv_impl) +
+           _same_conv(skip.astype(self.dtype), kernel[..., coarse:, :], 1, self.conv_impl))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -204,16 +296,21 @@ class ResidualBlock(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train):
+  def __call__(self, x, train, skip=None):
+    """`skip`: the decoder's form, the block input being concat([upsample_nearest(x), skip])."""
     conv = functools.partial(Conv3D, features=self.features, dtype=self.dtype,
                              conv_impl=self.conv_impl)
     norm = functools.partial(make_norm, self.norm, train, self.dtype, momentum=self.bn_momentum)
-    y = conv(kernel_size=3, name='conv1')(x)
+    y = conv(kernel_size=3, name='conv1')(x, skip)
     y = nn.relu(norm('norm1')(y))
     y = conv(kernel_size=3, name='conv2')(y)
     y = norm('norm2')(y)
-    shortcut = x.astype(self.dtype)
-    if x.shape[-1] != self.features:
-      shortcut = conv(kernel_size=1, name='shortcut_conv')(x)
+    in_features = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    if in_features != self.features:
+      shortcut = conv(kernel_size=1, name='shortcut_conv')(x, skip)
       shortcut = norm('shortcut_norm')(shortcut)
+    elif skip is None:
+      shortcut = x.astype(self.dtype)
+    else:
+      shortcut = jnp.concatenate([upsample_nearest(x), skip], axis=-1).astype(self.dtype)
     return nn.relu(y + shortcut)

@@ -3,6 +3,7 @@
 import functools
 import sys
 from typing import Any
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -19,17 +20,21 @@ UPSAMPLINGS = ('nearest', 'transpose')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def _upsample_nearest(x):
-  for axis in (1, 2, 3):
-    x = jnp.repeat(x, 2, axis=axis)
-  return x
+class Segment(NamedTuple):
+  """One step of the forward pass: the top-level submodules it uses, and the earlier segment
+  whose output it takes as a skip connection (None: only the previous segment's output)."""
+
+  names: tuple
+  skip_from: int | None
 
 
 class ResUNet3D(nn.Module):
   """Encoder of residual blocks (base_width * 2^i) with 2x max pooling, a bridge block, an
   optional ASPP on the bridge, a mirrored decoder with skip connections, and a 1x1x1 head.
 
-  `use_aspp=False` is the paper's Res-UNet baseline (the ablation).
+  `use_aspp=False` is the paper's Res-UNet baseline (the ablation). The forward pass is a chain
+  of segments (`segments`, `run_segment`), one residual block each: `__call__` runs them in one
+  program, train_lib's staged step runs each as its own program.
   """
 
   num_classes: int = labels.NUM_CLASSES
@@ -47,45 +52,74 @@ class ResUNet3D(nn.Module):
   remat: bool = False
   conv_impl: str = 'auto'
 
-  @nn.compact
-  def __call__(self, x, train):
+  def setup(self):
     if self.upsampling not in UPSAMPLINGS:
       raise ValueError(f'upsampling must be one of {UPSAMPLINGS}, got {self.upsampling!r}')
-    factor = 2**(self.depth + 1)  # depth poolings in the encoder, one more before the bridge
-    if x.ndim != 5 or any(s % factor for s in x.shape[1:4]):
-      raise ValueError(f'input must be (batch, X, Y, Z, channels) with X, Y, Z divisible by '
-                       f'{factor} (depth {self.depth}), got {x.shape}')
     block = layers.ResidualBlock
     if self.remat:
       # Recompute block activations in the backward pass; `train` (arg 2) is static.
       block = nn.remat(layers.ResidualBlock, static_argnums=(2,))
     block = functools.partial(block, norm=self.norm, dtype=self.dtype,
                               bn_momentum=self.bn_momentum, conv_impl=self.conv_impl)
-    pool = functools.partial(nn.max_pool, window_shape=(2, 2, 2), strides=(2, 2, 2))
-
-    skips = []
+    # Submodules are named by attribute: 'encoder_0', ..., 'bridge', 'aspp', 'decoder_0', ...
     for level in range(self.depth):
-      x = block(self.base_width * 2**level, name=f'encoder_{level}')(x, train)
-      skips.append(x)
-      x = pool(x)
-    x = block(self.bridge_width, name='bridge')(x, train)
-    if self.use_aspp:
-      x = aspp_lib.ASPP3D(features=self.aspp_features, rates=tuple(self.aspp_rates),
-                          norm=self.norm, pool_norm=self.aspp_pool_norm, dtype=self.dtype,
-                          bn_momentum=self.bn_momentum, conv_impl=self.conv_impl,
-                          name='aspp')(x, train)
-    for level in reversed(range(self.depth)):
       features = self.base_width * 2**level
-      if self.upsampling == 'nearest':
-        x = _upsample_nearest(x)
-      else:
-        x = nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype,
-                             param_dtype=jnp.float32, name=f'upsample_{level}')(x)
-      x = jnp.concatenate([x, skips[level].astype(x.dtype)], axis=-1)
-      x = block(features, name=f'decoder_{level}')(x, train)
-    logits = layers.Conv3D(self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype,
-                           name='head')(x)
-    return logits.astype(jnp.float32)  # softmax and loss in float32 whatever the compute dtype
+      setattr(self, f'encoder_{level}', block(features))
+      setattr(self, f'decoder_{level}', block(features))
+      if self.upsampling == 'transpose':
+        setattr(self, f'upsample_{level}', nn.ConvTranspose(
+            features, (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype, param_dtype=jnp.float32))
+    self.bridge = block(self.bridge_width)
+    if self.use_aspp:
+      self.aspp = aspp_lib.ASPP3D(
+          features=self.aspp_features, rates=tuple(self.aspp_rates), norm=self.norm,
+          pool_norm=self.aspp_pool_norm, dtype=self.dtype, bn_momentum=self.bn_momentum,
+          conv_impl=self.conv_impl)
+    self.head = layers.Conv3D(self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype)
+
+  def segments(self):
+    """The forward pass as [Segment]: encoder levels, bridge (+ ASPP), decoder levels (the last
+    one with the head). Usable on an unbound module."""
+    plan = [Segment((f'encoder_{level}',), None) for level in range(self.depth)]
+    plan.append(Segment(('bridge', 'aspp') if self.use_aspp else ('bridge',), None))
+    for level in reversed(range(self.depth)):
+      names = (f'upsample_{level}',) if self.upsampling == 'transpose' else ()
+      names += (f'decoder_{level}',) + (('head',) if level == 0 else ())
+      plan.append(Segment(names, level))  # encoder segment `level` made the skip
+    return plan
+
+  def run_segment(self, index, x, skip, train):
+    """Segment `index` of `segments()` on the previous segment's output `x` (and `skip`)."""
+    pool = functools.partial(nn.max_pool, window_shape=(2, 2, 2), strides=(2, 2, 2))
+    if index < self.depth:
+      return getattr(self, f'encoder_{index}')(pool(x) if index else x, train)
+    if index == self.depth:
+      x = self.bridge(pool(x), train)
+      return self.aspp(x, train) if self.use_aspp else x
+    level = 2 * self.depth - index
+    decoder = getattr(self, f'decoder_{level}')
+    if self.upsampling == 'nearest':
+      # The block upsamples inside its convolutions (exactly equal, far cheaper on the
+      # largest maps: see layers.Conv3D).
+      x = decoder(x, train, skip.astype(self.dtype))
+    else:
+      x = getattr(self, f'upsample_{level}')(x)
+      x = decoder(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), train)
+    if level:
+      return x
+    return self.head(x).astype(jnp.float32)  # softmax and loss in float32 whatever the dtype
+
+  def __call__(self, x, train):
+    factor = 2**(self.depth + 1)  # depth poolings in the encoder, one more before the bridge
+    if x.ndim != 5 or any(s % factor for s in x.shape[1:4]):
+      raise ValueError(f'input must be (batch, X, Y, Z, channels) with X, Y, Z divisible by '
+                       f'{factor} (depth {self.depth}), got {x.shape}')
+    outputs = []
+    for index, segment in enumerate(self.segments()):
+      skip = None if segment.skip_from is None else outputs[segment.skip_from]
+      x = self.run_segment(index, x, skip, train)
+      outputs.append(x)
+    return x
 
 
 def create_model(model_config):

@@ -25,6 +25,7 @@ from aspp_resunet import labels
 from aspp_resunet import losses
 from aspp_resunet import metrics
 from aspp_resunet import models
+from aspp_resunet import staged_step
 from data_pipelines import brats
 from data_pipelines import input_pipeline
 from data_pipelines import synthetic
@@ -113,6 +114,14 @@ def train_step(state, batch, loss_name):
                                 batch_stats=updates.get('batch_stats', state.batch_stats))
   counts = metrics.region_counts(jnp.argmax(logits, axis=-1), batch['label'])
   return state, {'loss': loss, 'counts': counts}
+
+
+def make_train_fn(config, model, replicated):
+  """`(state, batch) -> (state, metrics)`: one program ('fused'), or one per segment ('staged')."""
+  if config.train.get('step_mode', 'fused') == 'staged':
+    return staged_step.StagedTrainStep(model, config.train.loss, replicated)
+  return jax.jit(functools.partial(train_step, loss_name=config.train.loss),
+                 donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
 def eval_step(state, batch):
@@ -210,6 +219,9 @@ def check_config(config):
   if config.train.schedule not in SCHEDULES:
     raise TrainingError(f'train.schedule must be one of {SCHEDULES}, got '
                         f'{config.train.schedule!r}')
+  if config.train.get('step_mode', 'fused') not in staged_step.STEP_MODES:
+    raise TrainingError(f'train.step_mode must be one of {staged_step.STEP_MODES}, got '
+                        f'{config.train.step_mode!r}')
   if config.train.loss not in losses.LOSSES:
     raise TrainingError(f'train.loss must be one of {losses.LOSSES}, got {config.train.loss!r}')
   factor = 2**(config.model.depth + 1)
@@ -342,8 +354,7 @@ def train_and_evaluate(config, workdir):
   log = _MetricLog(workdir)
   log.truncate_after(step)
 
-  train_fn = jax.jit(functools.partial(train_step, loss_name=config.train.loss),
-                     donate_argnums=(0,), out_shardings=(sharder.replicated, sharder.replicated))
+  train_fn = make_train_fn(config, model, sharder.replicated)
   eval_fn = jax.jit(eval_step, out_shardings=sharder.replicated)
   last_validation = {}
   max_steps = config.train.max_steps if config.train.max_steps >= 0 else total_steps

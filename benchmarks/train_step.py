@@ -1,6 +1,5 @@
 """Training step time and memory of a config on this machine (random data, after compilation)."""
 
-import functools
 import os
 import resource
 import sys
@@ -37,26 +36,33 @@ def main(argv):
            'label': jnp.asarray(rng.integers(0, 4, (batch_size, *config.data.image_size)),
                                 jnp.int32),
            'mask': jnp.ones((batch_size,), jnp.float32)}
-  step = jax.jit(functools.partial(train_lib.train_step, loss_name=config.train.loss),
-                 donate_argnums=(0,))
+  replicated = train_lib._Sharder(train_lib.make_mesh()).replicated  # pylint: disable=protected-access
+  step = train_lib.make_train_fn(config, model, replicated)
+  staged = config.train.step_mode == 'staged'
   started = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - started
+  # The staged step is several programs, compiled by its first (untimed) call.
+  compiled = step if staged else step.lower(state, batch).compile()
+  compile_seconds = None if staged else time.perf_counter() - started
+  # The fused step's count: the staged step's recomputed forward is not useful work.
   flops = common.step_flops(config, state, batch)
-  memory = compiled.memory_analysis()
+  nominal_flops = common.step_flops(config, state, batch, nominal=True)
+  memory = None if staged else compiled.memory_analysis()
   times = []
   for _ in range(FLAGS.steps + 1):
     started = time.perf_counter()
     state, out = compiled(state, batch)
-    jax.block_until_ready(out['loss'])
+    jax.block_until_ready((state, out))  # the staged step's loss is ready before its update
     times.append(time.perf_counter() - started)
   step_seconds = float(np.median(times[1:])) if len(times) > 1 else times[0]
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   figures = {
       'image_size': list(config.data.image_size), 'batch_size': batch_size,
+      'step_mode': config.train.step_mode, 'conv_impl': config.model.conv_impl,
+      'dtype': config.model.dtype,
       'parameters': models.count_parameters(state.params), 'compile_seconds': compile_seconds,
       'step_seconds_median': step_seconds, 'step_seconds_all': times,
       'xla_flops_per_step': flops, 'achieved_gflops': flops / step_seconds / 1e9,
+      'nominal_flops_per_step': nominal_flops,  # upsample, then convolve (the network as written)
       'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
       'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
       'peak_rss_gib': peak_rss}

@@ -7,7 +7,6 @@ XLA's cost analysis, a GEMM peak measured in the same run, and peak memory (XLA'
 analysis, and the max RSS of a separate process per framework running the same steps).
 """
 
-import functools
 import json
 import os
 import resource
@@ -50,14 +49,17 @@ def _jax_step(config, image, label):
   state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
   batch = {'image': jnp.asarray(image), 'label': jnp.asarray(label),
            'mask': jnp.ones((image.shape[0],), jnp.float32)}
-  step = jax.jit(functools.partial(train_lib.train_step, loss_name=config.train.loss),
-                 donate_argnums=(0,))
-  compiled = step.lower(state, batch).compile()
-  flops = common.step_flops(config, state, batch)  # before the state is donated
+  replicated = train_lib._Sharder(train_lib.make_mesh()).replicated  # pylint: disable=protected-access
+  step = train_lib.make_train_fn(config, model, replicated)
+  # The staged step is several programs, compiled by the warm-up call.
+  compiled = step if config.train.step_mode == 'staged' else step.lower(state, batch).compile()
+  flops = {kind: common.step_flops(config, state, batch, nominal=kind == 'nominal')
+           for kind in ('nominal', 'executed')}  # before the state is donated
   holder = [state]
 
   def run():
     holder[0], out = compiled(holder[0], batch)
+    jax.block_until_ready(holder[0])
     return float(out['loss'])
 
   return run, compiled, models.count_parameters(state.params), flops
@@ -163,11 +165,11 @@ def main(argv):
   for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
     jax_times.append(_timed(jax_run))
     torch_times.append(_timed(torch_run))
-  memory = compiled.memory_analysis()
+  memory = None if config.train.step_mode == 'staged' else compiled.memory_analysis()
   jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
   peak = gemm_peak_gflops(jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32)
   jax_rss, torch_rss = _memory_of('jax'), _memory_of('torch')
-  xla_bytes = sum(getattr(memory, f'{kind}_size_in_bytes', 0) or 0
+  xla_bytes = 0 if memory is None else sum(getattr(memory, f'{kind}_size_in_bytes', 0) or 0
                   for kind in ('temp', 'argument', 'output')) - (
                       getattr(memory, 'alias_size_in_bytes', 0) or 0)
   figures = {
@@ -180,10 +182,17 @@ def main(argv):
       'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,
       'jax_step_seconds_median': jax_seconds, 'torch_step_seconds_median': torch_seconds,
       'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
-      'xla_flops_per_step': flops, 'jax_achieved_gflops': flops / jax_seconds / 1e9,
-      'torch_achieved_gflops': flops / torch_seconds / 1e9,
-      'gemm_peak_gflops': peak, 'jax_fraction_of_gemm_peak': flops / jax_seconds / 1e9 / peak,
-      'xla_memory_analysis_gib': xla_bytes / 2**30,
+      'step_mode': config.train.step_mode,
+      # nominal: the network as written (PyTorch's arithmetic); executed: ours (the decoder's
+      # upsampling folded into its convolutions, see layers._upsampled_conv).
+      'nominal_flops_per_step': flops['nominal'], 'executed_flops_per_step': flops['executed'],
+      'jax_effective_gflops': flops['nominal'] / jax_seconds / 1e9,
+      'jax_executed_gflops': flops['executed'] / jax_seconds / 1e9,
+      'torch_achieved_gflops': flops['nominal'] / torch_seconds / 1e9,
+      'gemm_peak_gflops': peak,
+      'jax_fraction_of_gemm_peak': flops['executed'] / jax_seconds / 1e9 / peak,
+      'torch_fraction_of_gemm_peak': flops['nominal'] / torch_seconds / 1e9 / peak,
+      'xla_memory_analysis_gib': None if memory is None else xla_bytes / 2**30,
       'jax_max_rss_gib': jax_rss, 'torch_max_rss_gib': torch_rss,
       'peak_memory_ratio_vs_torch': jax_rss / torch_rss,
   }

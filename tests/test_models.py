@@ -133,6 +133,59 @@ def test_conv3d_equals_reference_lax_convolution(size, kernel, dilation, conv_im
   np.testing.assert_allclose(conv.apply(variables, x), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('coarse_size', [(1, 1, 1), (2, 3, 4), (4, 4, 4)])
+@pytest.mark.parametrize('kernel', [1, 3])
+@pytest.mark.parametrize('conv_impl', layers.CONV_IMPLS)
+def test_decoder_conv_equals_conv_of_upsampled_concatenation(coarse_size, kernel, conv_impl):
+  """Conv3D(x, skip) == the convolution of concat([upsample_nearest(x), skip]): values and both
+  input gradients, the kernel gradient included."""
+  rng = np.random.default_rng(kernel)
+  x = jnp.asarray(rng.standard_normal((2, *coarse_size, 6)), jnp.float32)
+  skip = jnp.asarray(rng.standard_normal((2, *(2 * s for s in coarse_size), 3)), jnp.float32)
+  conv = layers.Conv3D(5, kernel_size=kernel, use_bias=True, conv_impl=conv_impl)
+  variables = conv.init(KEY, x, skip)
+  variables = jax.tree_util.tree_map(
+      lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), variables)
+  assert variables['params']['kernel'].shape == (kernel,) * 3 + (9, 5)
+  cotangent = jnp.asarray(rng.standard_normal(skip.shape[:4] + (5,)), jnp.float32)
+
+  def ours(variables, x, skip):
+    return jnp.sum(conv.apply(variables, x, skip) * cotangent)
+
+  def reference(variables, x, skip):
+    joined = jnp.concatenate([layers.upsample_nearest(x), skip], axis=-1)
+    y = _reference_conv(joined, variables['params']['kernel'], 1) + variables['params']['bias']
+    return jnp.sum(y * cotangent)
+
+  np.testing.assert_allclose(
+      conv.apply(variables, x, skip),
+      _reference_conv(jnp.concatenate([layers.upsample_nearest(x), skip], axis=-1),
+                      variables['params']['kernel'], 1) + variables['params']['bias'],
+      rtol=1e-4, atol=1e-4)
+  got = jax.grad(ours, argnums=(0, 1, 2))(variables, x, skip)
+  expected = jax.grad(reference, argnums=(0, 1, 2))(variables, x, skip)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
+def test_decoder_block_equals_block_on_upsampled_concatenation(dtype, tolerance):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 3, 4, 2, 16)), jnp.float32)
+  skip = jnp.asarray(rng.standard_normal((1, 6, 8, 4, 8)), jnp.float32)
+  block = layers.ResidualBlock(8, dtype=dtype)
+  variables = block.init(KEY, x, True, skip)
+  joined = jnp.concatenate([layers.upsample_nearest(x), skip], axis=-1)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      block.init(KEY, joined, True))
+  ours, ours_stats = block.apply(variables, x, True, skip, mutable=['batch_stats'])
+  reference, reference_stats = block.apply(variables, joined, True, mutable=['batch_stats'])
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference, np.float32),
+                             rtol=tolerance, atol=tolerance)
+  for a, b in zip(jax.tree_util.tree_leaves(ours_stats), jax.tree_util.tree_leaves(reference_stats)):
+    np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+
+
 def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
   half = dilation * (kernel.shape[0] // 2)
   return jax.lax.conv_general_dilated(

@@ -90,17 +90,20 @@ def _train_cli(workdir, config, *overrides, devices=1):
                         capture_output=True, text=True, env=helpers.cpu_env(devices), check=False)
 
 
-def test_one_and_four_devices_give_the_same_loss_curve(tiny_config, tmp_path):
+def test_one_and_four_devices_and_the_staged_step_give_the_same_loss_curve(tiny_config,
+                                                                            tmp_path):
   overrides = ['--config.train.batch_size=4', '--config.train.num_epochs=3',
                '--config.train.log_every_steps=1']
   curves = []
-  for devices in (1, 4):
-    workdir = str(tmp_path / f'devices{devices}')
-    result = _train_cli(workdir, tiny_config, *overrides, devices=devices)
+  for devices, step_mode in ((1, 'fused'), (4, 'fused'), (4, 'staged')):
+    workdir = str(tmp_path / f'devices{devices}_{step_mode}')
+    result = _train_cli(workdir, tiny_config, *overrides, f'--config.train.step_mode={step_mode}',
+                        devices=devices)
     assert result.returncode == 0, result.stderr[-2000:]
     curves.append([r['loss'] for r in _metrics(workdir) if r['kind'] == 'train'])
   assert len(curves[0]) == 3
   np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+  np.testing.assert_allclose(curves[0], curves[2], rtol=1e-4)
 
 
 def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
