@@ -187,6 +187,35 @@ def _interleave_phases(stacked):
       batch, *(2 * s for s in size), features)
 
 
+@jax.custom_vjp
+def max_pool_2x(x):
+  """2x2x2 max pooling, stride 2, of (batch, X, Y, Z, C) with even X, Y, Z (nn.max_pool's
+  values). The gradient goes to the first maximum of each window, like TensorFlow's."""
+  return _max_pool_2x_forward(x)[0]
+
+
+def _max_pool_2x_forward(x):
+  # The 8 window positions as strided views (no transposed copy); strict '>' keeps the first.
+  best, first = x[:, 0::2, 0::2, 0::2], jnp.zeros(x[:, 0::2, 0::2, 0::2].shape, jnp.int8)
+  for position, (a, b, c) in enumerate(PHASES[1:], start=1):
+    view = x[:, a::2, b::2, c::2]
+    larger = view > best
+    best, first = jnp.where(larger, view, best), jnp.where(larger, jnp.int8(position), first)
+  # Only the int8 window position is kept for the backward pass (XLA:CPU's own max-pool
+  # gradient keeps four int32 index maps of the full input: 2 GiB at 128^3 x 64).
+  return best, first
+
+
+def _max_pool_2x_backward(first, cotangent):
+  zero = jnp.zeros((), cotangent.dtype)
+  scattered = jnp.stack([jnp.where(first == position, cotangent, zero)
+                         for position in range(len(PHASES))])
+  return (_interleave_phases(scattered),)
+
+
+max_pool_2x.defvjp(_max_pool_2x_forward, _max_pool_2x_backward)
+
+
 def _upsampled_im2col_conv(x, phase_kernels):
   """The 8 phase convolutions of `_upsampled_conv` as matrix products, all phases of a block
   of depth slices in one step of one loop (8 separate loops keep 8 sets of buffers alive)."""
@@ -286,6 +315,11 @@ class _GroupNorm(nn.Module):
                         param_dtype=jnp.float32, name='norm')(x)
 
 
+# The parameters each half of a residual block uses (ResidualBlock's `part`).
+RESIDUAL_BLOCK_PARTS = {'first': ('conv1', 'norm1'),
+                        'second': ('conv2', 'norm2', 'shortcut_conv', 'shortcut_norm')}
+
+
 class ResidualBlock(nn.Module):
   """y = ReLU(BN(conv3(ReLU(BN(conv3(x))))) + shortcut(x)); shortcut = conv1 + BN if needed."""
 
@@ -296,15 +330,20 @@ class ResidualBlock(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train, skip=None):
-    """`skip`: the decoder's form, the block input being concat([upsample_nearest(x), skip])."""
+  def __call__(self, x, train, skip=None, hidden=None, part='whole'):
+    """`skip`: the decoder's form, the block input being concat([upsample_nearest(x), skip]).
+
+    `part` 'first' returns the hidden map ReLU(BN(conv3(x))); 'second' finishes the block from
+    that `hidden` map (and x, for the shortcut); 'whole' does both.
+    """
     conv = functools.partial(Conv3D, features=self.features, dtype=self.dtype,
                              conv_impl=self.conv_impl)
     norm = functools.partial(make_norm, self.norm, train, self.dtype, momentum=self.bn_momentum)
-    y = conv(kernel_size=3, name='conv1')(x, skip)
-    y = nn.relu(norm('norm1')(y))
-    y = conv(kernel_size=3, name='conv2')(y)
-    y = norm('norm2')(y)
+    if part != 'second':
+      hidden = nn.relu(norm('norm1')(conv(kernel_size=3, name='conv1')(x, skip)))
+      if part == 'first':
+        return hidden
+    y = norm('norm2')(conv(kernel_size=3, name='conv2')(hidden))
     in_features = x.shape[-1] + (0 if skip is None else skip.shape[-1])
     if in_features != self.features:
       shortcut = conv(kernel_size=1, name='shortcut_conv')(x, skip)

@@ -21,11 +21,12 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class Segment(NamedTuple):
-  """One step of the forward pass: the top-level submodules it uses, and the earlier segment
-  whose output it takes as a skip connection (None: only the previous segment's output)."""
+  """One step of the forward pass: what it runs, the parameters it uses and what it reads."""
 
-  names: tuple
-  skip_from: int | None
+  block: str  # the top-level submodule it runs: 'encoder_0', 'bridge', 'upsample_3', ...
+  part: str  # 'first' or 'second' half of a residual block, or 'whole'
+  paths: tuple  # parameter / batch-statistics paths it uses, e.g. ('encoder_0', 'conv1')
+  inputs: tuple  # the values it reads: 0 the image, i + 1 the output of segment i
 
 
 class ResUNet3D(nn.Module):
@@ -57,8 +58,8 @@ class ResUNet3D(nn.Module):
       raise ValueError(f'upsampling must be one of {UPSAMPLINGS}, got {self.upsampling!r}')
     block = layers.ResidualBlock
     if self.remat:
-      # Recompute block activations in the backward pass; `train` (arg 2) is static.
-      block = nn.remat(layers.ResidualBlock, static_argnums=(2,))
+      # Recompute block activations in the backward pass; `train` and `part` are static.
+      block = nn.remat(layers.ResidualBlock, static_argnums=(2, 5))
     block = functools.partial(block, norm=self.norm, dtype=self.dtype,
                               bn_momentum=self.bn_momentum, conv_impl=self.conv_impl)
     # Submodules are named by attribute: 'encoder_0', ..., 'bridge', 'aspp', 'decoder_0', ...
@@ -78,34 +79,57 @@ class ResUNet3D(nn.Module):
     self.head = layers.Conv3D(self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype)
 
   def segments(self):
-    """The forward pass as [Segment]: encoder levels, bridge (+ ASPP), decoder levels (the last
-    one with the head). Usable on an unbound module."""
-    plan = [Segment((f'encoder_{level}',), None) for level in range(self.depth)]
-    plan.append(Segment(('bridge', 'aspp') if self.use_aspp else ('bridge',), None))
+    """The forward pass as [Segment], each residual block in two halves. Usable unbound."""
+    plan = []
+
+    def add(block, part, inputs, extra_paths=()):
+      if part == 'whole':
+        paths = ((block,),)
+      else:
+        paths = tuple((block, name) for name in layers.RESIDUAL_BLOCK_PARTS[part])
+      plan.append(Segment(block, part, paths + extra_paths, tuple(inputs)))
+      return len(plan)  # the value index of its output
+
+    def add_block(block, inputs, extra_paths=()):
+      hidden = add(block, 'first', inputs)
+      return add(block, 'second', inputs + [hidden], extra_paths)
+
+    value, encoder_outputs = 0, []
+    for level in range(self.depth):
+      value = add_block(f'encoder_{level}', [value])
+      encoder_outputs.append(value)
+    value = add('bridge', 'whole', [value], (('aspp',),) if self.use_aspp else ())
     for level in reversed(range(self.depth)):
-      names = (f'upsample_{level}',) if self.upsampling == 'transpose' else ()
-      names += (f'decoder_{level}',) + (('head',) if level == 0 else ())
-      plan.append(Segment(names, level))  # encoder segment `level` made the skip
+      if self.upsampling == 'transpose':
+        value = add(f'upsample_{level}', 'whole', [value])
+      value = add_block(f'decoder_{level}', [value, encoder_outputs[level]],
+                        (('head',),) if level == 0 else ())
     return plan
 
-  def run_segment(self, index, x, skip, train):
-    """Segment `index` of `segments()` on the previous segment's output `x` (and `skip`)."""
-    pool = functools.partial(nn.max_pool, window_shape=(2, 2, 2), strides=(2, 2, 2))
-    if index < self.depth:
-      return getattr(self, f'encoder_{index}')(pool(x) if index else x, train)
-    if index == self.depth:
-      x = self.bridge(pool(x), train)
+  def run_segment(self, index, *inputs, train):
+    """Segment `index` of `segments()` on the values it reads (`Segment.inputs`)."""
+    segment = self.segments()[index]
+    kind, _, level = segment.block.partition('_')
+    module = getattr(self, segment.block)
+    if kind == 'bridge':
+      # Every argument passed: nn.remat needs the static ones by position.
+      x = module(layers.max_pool_2x(inputs[0]), train, None, None, 'whole')
       return self.aspp(x, train) if self.use_aspp else x
-    level = 2 * self.depth - index
-    decoder = getattr(self, f'decoder_{level}')
+    if kind == 'upsample':
+      return module(inputs[0])
+    hidden = inputs[-1] if segment.part == 'second' else None
+    if kind == 'encoder':
+      x = layers.max_pool_2x(inputs[0]) if int(level) else inputs[0]
+      return module(x, train, None, hidden, segment.part)
+    x, skip = inputs[0], inputs[1].astype(self.dtype)
     if self.upsampling == 'nearest':
       # The block upsamples inside its convolutions (exactly equal, far cheaper on the
       # largest maps: see layers.Conv3D).
-      x = decoder(x, train, skip.astype(self.dtype))
+      x = module(x, train, skip, hidden, segment.part)
     else:
-      x = getattr(self, f'upsample_{level}')(x)
-      x = decoder(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), train)
-    if level:
+      x = module(jnp.concatenate([x.astype(self.dtype), skip], axis=-1), train, None, hidden,
+                 segment.part)
+    if segment.part == 'first' or int(level):
       return x
     return self.head(x).astype(jnp.float32)  # softmax and loss in float32 whatever the dtype
 
@@ -114,12 +138,10 @@ class ResUNet3D(nn.Module):
     if x.ndim != 5 or any(s % factor for s in x.shape[1:4]):
       raise ValueError(f'input must be (batch, X, Y, Z, channels) with X, Y, Z divisible by '
                        f'{factor} (depth {self.depth}), got {x.shape}')
-    outputs = []
+    values = [x]
     for index, segment in enumerate(self.segments()):
-      skip = None if segment.skip_from is None else outputs[segment.skip_from]
-      x = self.run_segment(index, x, skip, train)
-      outputs.append(x)
-    return x
+      values.append(self.run_segment(index, *(values[i] for i in segment.inputs), train=train))
+    return values[-1]
 
 
 def create_model(model_config):

@@ -116,12 +116,30 @@ def train_step(state, batch, loss_name):
   return state, {'loss': loss, 'counts': counts}
 
 
-def make_train_fn(config, model, replicated):
-  """`(state, batch) -> (state, metrics)`: one program ('fused'), or one per segment ('staged')."""
-  if config.train.get('step_mode', 'fused') == 'staged':
+def make_train_fn(config, model, replicated, state=None, batch=None):
+  """`(state, batch) -> (state, metrics)`: one program ('fused'), or one per segment ('staged').
+
+  'auto' (needs `state` and `batch`, arrays or shapes): 'fused' on GPU/TPU, and on CPU when the
+  compiled fused step fits in FUSED_MEMORY_FRACTION of the available memory, else 'staged'.
+  """
+  fused = jax.jit(functools.partial(train_step, loss_name=config.train.loss),
+                  donate_argnums=(0,), out_shardings=(replicated, replicated))
+  mode = config.train.get('step_mode', 'fused')
+  if mode == 'auto':
+    mode = 'fused'
+    if jax.default_backend() == 'cpu':
+      # Compiled once here; the first call finds this executable in jit's cache.
+      needed = staged_step.program_bytes(fused.lower(state, batch).compile())
+      needed *= jax.local_device_count()  # CPU devices of a process share its memory
+      available = staged_step.available_memory_bytes()
+      if needed > staged_step.FUSED_MEMORY_FRACTION * available:
+        mode = 'staged'
+        report(f'train.step_mode=auto: the one-program step needs {needed / 2**30:.1f} GiB, '
+               f'{available / 2**30:.1f} GiB are available: using the staged step (one '
+               f'program per half residual block, ~1.6x the time, under half the memory)')
+  if mode == 'staged':
     return staged_step.StagedTrainStep(model, config.train.loss, replicated)
-  return jax.jit(functools.partial(train_step, loss_name=config.train.loss),
-                 donate_argnums=(0,), out_shardings=(replicated, replicated))
+  return fused
 
 
 def eval_step(state, batch):
@@ -141,6 +159,14 @@ class _Sharder:
   def __init__(self, mesh):
     self.data = NamedSharding(mesh, PartitionSpec('data'))
     self.replicated = NamedSharding(mesh, PartitionSpec())
+
+  def abstract_batch(self, global_batch, image_size):
+    """Shapes, dtypes and shardings of the global batches `batch` returns."""
+    shape = (global_batch, *image_size)
+    return {'image': jax.ShapeDtypeStruct((*shape, labels.NUM_CHANNELS), jnp.float32,
+                                          sharding=self.data),
+            'label': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.data),
+            'mask': jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=self.data)}
 
   def batch(self, host_batch):
     return {key: jax.make_array_from_process_local_data(self.data, host_batch[key])
@@ -354,7 +380,8 @@ def train_and_evaluate(config, workdir):
   log = _MetricLog(workdir)
   log.truncate_after(step)
 
-  train_fn = make_train_fn(config, model, sharder.replicated)
+  train_fn = make_train_fn(config, model, sharder.replicated, state,
+                           sharder.abstract_batch(global_batch, config.data.image_size))
   eval_fn = jax.jit(eval_step, out_shardings=sharder.replicated)
   last_validation = {}
   max_steps = config.train.max_steps if config.train.max_steps >= 0 else total_steps

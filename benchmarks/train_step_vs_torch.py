@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aspp_resunet import labels  # noqa: E402
 from aspp_resunet import models  # noqa: E402
+from aspp_resunet import staged_step  # noqa: E402
 from aspp_resunet import train_lib  # noqa: E402
 from benchmarks import common  # noqa: E402
 
@@ -50,9 +51,10 @@ def _jax_step(config, image, label):
   batch = {'image': jnp.asarray(image), 'label': jnp.asarray(label),
            'mask': jnp.ones((image.shape[0],), jnp.float32)}
   replicated = train_lib._Sharder(train_lib.make_mesh()).replicated  # pylint: disable=protected-access
-  step = train_lib.make_train_fn(config, model, replicated)
+  step = train_lib.make_train_fn(config, model, replicated, state, batch)
   # The staged step is several programs, compiled by the warm-up call.
-  compiled = step if config.train.step_mode == 'staged' else step.lower(state, batch).compile()
+  staged = isinstance(step, staged_step.StagedTrainStep)
+  compiled = step if staged else step.lower(state, batch).compile()
   flops = {kind: common.step_flops(config, state, batch, nominal=kind == 'nominal')
            for kind in ('nominal', 'executed')}  # before the state is donated
   holder = [state]
@@ -62,7 +64,7 @@ def _jax_step(config, image, label):
     jax.block_until_ready(holder[0])
     return float(out['loss'])
 
-  return run, compiled, models.count_parameters(state.params), flops
+  return run, compiled, models.count_parameters(state.params), flops, staged
 
 
 def _torch_step(config, image, label, dtype):
@@ -155,7 +157,7 @@ def main(argv):
     print(json.dumps({'max_rss_gib': _max_rss_gib()}))
     return
 
-  jax_run, compiled, jax_params, flops = _jax_step(config, image, label)
+  jax_run, compiled, jax_params, flops, staged = _jax_step(config, image, label)
   torch_run, torch_params, torch_version, torch_threads = _torch_step(config, image, label,
                                                                       FLAGS.dtype)
   if jax_params != torch_params:
@@ -165,7 +167,7 @@ def main(argv):
   for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
     jax_times.append(_timed(jax_run))
     torch_times.append(_timed(torch_run))
-  memory = None if config.train.step_mode == 'staged' else compiled.memory_analysis()
+  memory = None if staged else compiled.memory_analysis()
   jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
   peak = gemm_peak_gflops(jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32)
   jax_rss, torch_rss = _memory_of('jax'), _memory_of('torch')
@@ -182,7 +184,7 @@ def main(argv):
       'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,
       'jax_step_seconds_median': jax_seconds, 'torch_step_seconds_median': torch_seconds,
       'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
-      'step_mode': config.train.step_mode,
+      'step_mode': 'staged' if staged else 'fused',
       # nominal: the network as written (PyTorch's arithmetic); executed: ours (the decoder's
       # upsampling folded into its convolutions, see layers._upsampled_conv).
       'nominal_flops_per_step': flops['nominal'], 'executed_flops_per_step': flops['executed'],

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,8 +183,25 @@ def test_decoder_block_equals_block_on_upsampled_concatenation(dtype, tolerance)
   reference, reference_stats = block.apply(variables, joined, True, mutable=['batch_stats'])
   np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference, np.float32),
                              rtol=tolerance, atol=tolerance)
-  for a, b in zip(jax.tree_util.tree_leaves(ours_stats), jax.tree_util.tree_leaves(reference_stats)):
+  for a, b in zip(jax.tree_util.tree_leaves(ours_stats),
+                  jax.tree_util.tree_leaves(reference_stats)):
     np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_max_pool_equals_flax_max_pool_and_routes_gradient_to_first_maximum(dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 4, 6, 2, 3)), dtype)
+  pool = functools.partial(flax_nn.max_pool, window_shape=(2, 2, 2), strides=(2, 2, 2))
+  np.testing.assert_array_equal(layers.max_pool_2x(x), pool(x))
+  cotangent = jnp.asarray(rng.standard_normal((2, 2, 3, 1, 3)), dtype)
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool_2x(x) * cotangent).astype(jnp.float32))
+  reference = jax.grad(lambda x: jnp.sum(pool(x) * cotangent).astype(jnp.float32))
+  np.testing.assert_array_equal(grad(x), reference(x))  # no ties: one maximum per window
+  # Ties (ReLU zeros): the whole gradient goes to the first position of the window.
+  zeros = jnp.zeros((1, 2, 2, 2, 1), dtype)
+  tied = jax.grad(lambda x: jnp.sum(layers.max_pool_2x(x) * 3).astype(jnp.float32))(zeros)
+  assert float(tied[0, 0, 0, 0, 0]) == 3 and float(jnp.sum(tied)) == 3
 
 
 def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):

@@ -115,15 +115,25 @@ def test_staged_step_gradients_equal_fused_gradients():
   assert staged_bf16_error < 1.25 * fused_bf16_error, (staged_bf16_error, fused_bf16_error)
 
 
-def test_segments_cover_every_parameter_once():
-  for overrides in ({}, {'use_aspp': False, 'upsampling': 'transpose'}):
-    config = _config(**overrides)
-    model = models.create_model(config.model)
-    params = models.abstract_variables(model, config.data.image_size)['params']
-    names = [name for segment in model.segments() for name in segment.names if name in params]
-    assert sorted(names) == sorted(params)
-    # Every segment's names exist (no typo that would silently leave a gradient out).
-    assert all(name in params for segment in model.segments() for name in segment.names)
+@pytest.mark.parametrize('overrides', [{}, {'use_aspp': False, 'upsampling': 'transpose'},
+                                       {'norm': 'group', 'depth': 3}])
+def test_segments_cover_every_parameter_once(overrides):
+  config = _config(**overrides)
+  model = models.create_model(config.model)
+  variables = models.abstract_variables(model, config.data.image_size)
+  for collection in ('params', 'batch_stats'):
+    tree = variables.get(collection, {})
+    covered = {}
+    for segment in model.segments():
+      part = staged_step.select_paths(tree, segment.paths)
+      # Disjoint: no leaf is claimed by two segments (gradients would be overwritten).
+      assert not set(_leaf_paths(part)) & set(_leaf_paths(covered)), segment
+      staged_step.merge_paths(covered, part)
+    assert sorted(_leaf_paths(covered)) == sorted(_leaf_paths(tree))
+
+
+def _leaf_paths(tree):
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def test_unknown_step_mode_is_refused(tmp_path):
@@ -131,3 +141,26 @@ def test_unknown_step_mode_is_refused(tmp_path):
   config.train.step_mode = 'pipelined'
   with pytest.raises(train_lib.TrainingError, match="train.step_mode must be one of"):
     train_lib.check_config(config)
+
+
+def test_auto_step_mode_stages_only_when_the_fused_step_does_not_fit(monkeypatch):
+  config = _config()
+  config.train.step_mode = 'auto'
+  model = models.create_model(config.model)
+  sharder = train_lib._Sharder(train_lib.make_mesh())  # pylint: disable=protected-access
+  state = jax.device_put(
+      train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg')),
+      sharder.replicated)
+  batch = sharder.abstract_batch(jax.device_count(), config.data.image_size)
+  assert staged_step.available_memory_bytes() > 2**20
+  monkeypatch.setattr(staged_step, 'available_memory_bytes', lambda: 2**40)
+  fused = train_lib.make_train_fn(config, model, sharder.replicated, state, batch)
+  assert not isinstance(fused, staged_step.StagedTrainStep)
+  needed = staged_step.program_bytes(fused.lower(state, batch).compile())
+  assert needed > state.params['head']['kernel'].nbytes
+  # Just too little memory for the fused program: staged.
+  monkeypatch.setattr(staged_step, 'available_memory_bytes',
+                      lambda: int(needed * jax.local_device_count() /
+                                  staged_step.FUSED_MEMORY_FRACTION) - 1)
+  assert isinstance(train_lib.make_train_fn(config, model, sharder.replicated, state, batch),
+                    staged_step.StagedTrainStep)
