@@ -66,7 +66,7 @@ def get_config():
   train.keep_checkpoints = 3  # latest checkpoints kept besides the best one
   train.log_every_steps = 10  # TensorBoard/metrics.jsonl training scalars every N steps
   # 'fused': the training step is one compiled program; 'staged': one per half residual block,
-  # each recomputing its forward in its backward (about half the memory, ~1.5x the time on CPU);
+  # each recomputing its forward in its backward (under half the memory, ~1.75x the time on CPU);
   # 'auto': 'staged' only on CPU when the fused step would not fit in the available memory.
   train.step_mode = 'auto'
   train.max_steps = -1  # stop after this many steps (-1: num_epochs); for tests and timing
