@@ -42,7 +42,7 @@ class StagedTrainStep:
   inside its own vector-Jacobian program, last segment first. Each program is compiled on its
   own, so no compiler can merge the recomputation away (XLA:CPU ignores `jax.checkpoint`
   barriers): the peak is the kept outputs plus one segment's activations, at the cost of one
-  more forward pass.
+  more forward pass (two for the blocks' first halves, whose outputs are not kept).
   """
 
   def __init__(self, model, loss_name, replicated):

@@ -132,6 +132,9 @@ def make_train_fn(config, model, replicated, state=None, batch=None):
       needed = staged_step.program_bytes(fused.lower(state, batch).compile())
       needed *= jax.local_device_count()  # CPU devices of a process share its memory
       available = staged_step.available_memory_bytes()
+      if jax.process_count() > 1:  # every process must choose the same programs
+        available_mib = multihost_utils.process_allgather(np.int32(available // 2**20))
+        available = int(np.min(available_mib)) * 2**20
       if needed > staged_step.FUSED_MEMORY_FRACTION * available:
         mode = 'staged'
         report(f'train.step_mode=auto: the one-program step needs {needed / 2**30:.1f} GiB, '
