@@ -88,30 +88,46 @@ def _im2col_conv(x, kernel, dilation, padding):
   the backward pass rebuilds it block by block, so no column matrix outlives its block and the
   memory stays that of the native convolution. Products accumulate in float32.
   """
-  batch = x.shape[0]
   out_shape = [size + lo + hi - (k - 1) * dilation
                for size, (lo, hi), k in zip(x.shape[1:4], padding, kernel.shape[:3])]
   padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   matrix = kernel.reshape(-1, kernel.shape[-1])  # rows in (kd, kh, kw, in) order
-  slice_bytes = batch * out_shape[1] * out_shape[2] * matrix.shape[0] * x.dtype.itemsize
-  block = max(b for b in range(1, out_shape[0] + 1)
-              if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+  block = _depth_block(x, out_shape, matrix.shape[0])
   halo = (kernel.shape[0] - 1) * dilation
   offsets = tap_offsets(kernel.shape, dilation)
 
   @jax.checkpoint
   def block_product(padded, matrix, index):
     slab = jax.lax.dynamic_slice_in_dim(padded, index * block, block + halo, axis=1)
-    columns = jnp.concatenate(
+    return _columns_product(
         [slab[:, a:a + block, b:b + out_shape[1], c:c + out_shape[2]] for a, b, c in offsets],
-        axis=-1)
-    product = jnp.dot(columns.reshape(-1, matrix.shape[0]), matrix,
-                      preferred_element_type=jnp.float32)
-    return product.astype(x.dtype).reshape(batch, block, *out_shape[1:], matrix.shape[1])
+        matrix)
 
-  blocks = jax.lax.map(lambda index: block_product(padded, matrix, index),
-                       jnp.arange(out_shape[0] // block))
-  return jnp.moveaxis(blocks, 0, 1).reshape(batch, *out_shape, matrix.shape[1])
+  return _map_depth_blocks(lambda index: block_product(padded, matrix, index),
+                           out_shape[0] // block)
+
+
+def _depth_block(x, out_shape, columns):
+  """Output depth slices per im2col block: the most that divide the depth and keep one block's
+  column matrix (`columns` wide) within IM2COL_BLOCK_BYTES (at least one slice)."""
+  slice_bytes = x.shape[0] * out_shape[1] * out_shape[2] * columns * x.dtype.itemsize
+  return max(b for b in range(1, out_shape[0] + 1)
+             if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+
+
+def _columns_product(views, matrix):
+  """concat(views, channels) @ matrix, accumulated in float32, in the views' dtype and shape."""
+  columns = jnp.concatenate(views, axis=-1)
+  product = jnp.dot(columns.reshape(-1, matrix.shape[0]), matrix,
+                    preferred_element_type=jnp.float32)
+  return product.astype(views[0].dtype).reshape(*views[0].shape[:-1], matrix.shape[1])
+
+
+def _map_depth_blocks(block_fn, count):
+  """Runs `block_fn(i)` -> (batch, block depth, ...) for i < count in a loop (one block's
+  buffers live at a time) and joins the blocks along depth."""
+  blocks = jax.lax.map(block_fn, jnp.arange(count))
+  return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], -1, *blocks.shape[3:])
 
 
 def live_taps(kernel_size, dilation, input_size):
@@ -196,7 +212,8 @@ def max_pool_2x(x):
 
 def _max_pool_2x_forward(x):
   # The 8 window positions as strided views (no transposed copy); strict '>' keeps the first.
-  best, first = x[:, 0::2, 0::2, 0::2], jnp.zeros(x[:, 0::2, 0::2, 0::2].shape, jnp.int8)
+  best = x[:, 0::2, 0::2, 0::2]
+  first = jnp.zeros(best.shape, jnp.int8)
   for position, (a, b, c) in enumerate(PHASES[1:], start=1):
     view = x[:, a::2, b::2, c::2]
     larger = view > best
@@ -219,32 +236,22 @@ max_pool_2x.defvjp(_max_pool_2x_forward, _max_pool_2x_backward)
 def _upsampled_im2col_conv(x, phase_kernels):
   """The 8 phase convolutions of `_upsampled_conv` as matrix products, all phases of a block
   of depth slices in one step of one loop (8 separate loops keep 8 sets of buffers alive)."""
-  batch, depth, height, width, channels = x.shape
-  features = phase_kernels[0].shape[-1]
+  _, depth, height, width, _ = x.shape
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
-  matrices = jnp.stack([k.reshape(-1, features) for k in phase_kernels])
-  slice_bytes = batch * height * width * matrices.shape[1] * x.dtype.itemsize
-  block = max(b for b in range(1, depth + 1)
-              if depth % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+  matrices = jnp.stack([k.reshape(-1, k.shape[-1]) for k in phase_kernels])
+  block = _depth_block(x, x.shape[1:4], matrices.shape[1])
   taps = tap_offsets((2, 2, 2), 1)
 
   @jax.checkpoint
   def block_product(padded, matrices, index):
     slab = jax.lax.dynamic_slice_in_dim(padded, index * block, block + 2, axis=1)
-    outputs = []
-    for matrix, (p, q, r) in zip(matrices, PHASES):
-      # Phase parity 0 reads coarse offsets (-1, 0), parity 1 (0, +1): padded index + parity.
-      columns = jnp.concatenate(
-          [slab[:, p + a:p + a + block, q + b:q + b + height, r + c:r + c + width]
-           for a, b, c in taps], axis=-1)
-      product = jnp.dot(columns.reshape(-1, matrix.shape[0]), matrix,
-                        preferred_element_type=jnp.float32)
-      outputs.append(product.astype(x.dtype).reshape(batch, block, height, width, features))
-    return _interleave_phases(jnp.stack(outputs))
+    # Phase parity 0 reads coarse offsets (-1, 0), parity 1 (0, +1): padded index + parity.
+    return _interleave_phases(jnp.stack([
+        _columns_product([slab[:, p + a:p + a + block, q + b:q + b + height,
+                               r + c:r + c + width] for a, b, c in taps], matrix)
+        for matrix, (p, q, r) in zip(matrices, PHASES)]))
 
-  blocks = jax.lax.map(lambda index: block_product(padded, matrices, index),
-                       jnp.arange(depth // block))
-  return jnp.moveaxis(blocks, 0, 1).reshape(batch, 2 * depth, 2 * height, 2 * width, features)
+  return _map_depth_blocks(lambda index: block_product(padded, matrices, index), depth // block)
 
 
 class Conv3D(nn.Module):

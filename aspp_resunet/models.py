@@ -34,8 +34,8 @@ class ResUNet3D(nn.Module):
   optional ASPP on the bridge, a mirrored decoder with skip connections, and a 1x1x1 head.
 
   `use_aspp=False` is the paper's Res-UNet baseline (the ablation). The forward pass is a chain
-  of segments (`segments`, `run_segment`), one residual block each: `__call__` runs them in one
-  program, train_lib's staged step runs each as its own program.
+  of segments (`segments`, `run_segment`; each residual block in two halves): `__call__` runs
+  them in one program, the staged training step (staged_step.py) each as its own program.
   """
 
   num_classes: int = labels.NUM_CLASSES
@@ -106,9 +106,8 @@ class ResUNet3D(nn.Module):
                         (('head',),) if level == 0 else ())
     return plan
 
-  def run_segment(self, index, *inputs, train):
-    """Segment `index` of `segments()` on the values it reads (`Segment.inputs`)."""
-    segment = self.segments()[index]
+  def run_segment(self, segment, *inputs, train):
+    """One `Segment` of `segments()` on the values it reads (`Segment.inputs`)."""
     kind, _, level = segment.block.partition('_')
     module = getattr(self, segment.block)
     if kind == 'bridge':
@@ -139,8 +138,8 @@ class ResUNet3D(nn.Module):
       raise ValueError(f'input must be (batch, X, Y, Z, channels) with X, Y, Z divisible by '
                        f'{factor} (depth {self.depth}), got {x.shape}')
     values = [x]
-    for index, segment in enumerate(self.segments()):
-      values.append(self.run_segment(index, *(values[i] for i in segment.inputs), train=train))
+    for segment in self.segments():
+      values.append(self.run_segment(segment, *(values[i] for i in segment.inputs), train=train))
     return values[-1]
 
 

@@ -60,8 +60,8 @@ class StagedTrainStep:
     # pass recomputes it from the block's inputs, which are kept.
     self._recomputed = {value for value, readers in self._readers.items()
                         if readers == [value] and self._segments[value - 1].part == 'first'}
-    self._forward = [jax.jit(functools.partial(self._segment_forward, index))
-                     for index in range(len(self._segments))]
+    self._forward = [jax.jit(functools.partial(self._run, segment))
+                     for segment in self._segments]
     self._backward = []
     for index, segment in enumerate(self._segments):
       # The partial input gradients (argument 3) are summed into the returned ones, in place.
@@ -75,24 +75,23 @@ class StagedTrainStep:
     self._loss = jax.jit(self._loss_and_cotangent)
     self._update = jax.jit(_apply_gradients, donate_argnums=(0,), out_shardings=replicated)
 
-  def _run(self, index, params, batch_stats, inputs):
+  def _run(self, segment, params, batch_stats, *inputs):
+    """(output, updated batch statistics) of one segment in training mode."""
     outputs, updates = self._model.apply(
         {'params': params, 'batch_stats': batch_stats}, *inputs, mutable=['batch_stats'],
-        method=lambda module, *args: module.run_segment(index, *args, train=True))
+        method=lambda module, *args: module.run_segment(segment, *args, train=True))
     return outputs, updates.get('batch_stats', {})
-
-  def _segment_forward(self, index, params, batch_stats, *inputs):
-    return self._run(index, params, batch_stats, inputs)
 
   def _segment_backward(self, index, params, batch_stats, cotangent, partial_grads, *inputs):
     """(parameter gradients, input gradients + `partial_grads`: other readers' share)."""
-    differentiable = [k for k, value in enumerate(self._segments[index].inputs) if value]
+    segment = self._segments[index]
+    differentiable = [k for k, value in enumerate(segment.inputs) if value]
 
     def run(params, *wrt):
       args = list(inputs)
       for k, arg in zip(differentiable, wrt):
         args[k] = arg
-      return self._run(index, params, batch_stats, args)[0]
+      return self._run(segment, params, batch_stats, *args)[0]
 
     _, vjp = jax.vjp(run, params, *(inputs[k] for k in differentiable))
     param_grads, *input_grads = vjp(cotangent)
@@ -116,13 +115,6 @@ class StagedTrainStep:
       return self._forward[index](*subtrees[index],
                                   *(values[v] for v in self._segments[index].inputs))
 
-    def ensure(value):
-      """Recomputes a block's inner map that the forward pass did not keep."""
-      if values[value] is None:
-        for earlier in self._segments[value - 1].inputs:
-          ensure(earlier)
-        values[value] = forward(value - 1, values)[0]
-
     values, new_batch_stats = [batch['image']], {}
     for index, segment in enumerate(self._segments):
       output, updates = forward(index, values)
@@ -138,7 +130,8 @@ class StagedTrainStep:
     for index in reversed(range(len(self._segments))):
       segment = self._segments[index]
       for value in segment.inputs:
-        ensure(value)
+        if values[value] is None:  # a hidden map: its first half reads only kept values
+          values[value] = forward(value - 1, values)[0]
       inputs = [values[v] for v in segment.inputs]
       values[index + 1] = None  # every reader of this output has had its backward pass
       for value in segment.inputs:

@@ -167,13 +167,9 @@ def main(argv):
   for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
     jax_times.append(_timed(jax_run))
     torch_times.append(_timed(torch_run))
-  memory = None if staged else compiled.memory_analysis()
   jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
   peak = gemm_peak_gflops(jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32)
   jax_rss, torch_rss = _memory_of('jax'), _memory_of('torch')
-  xla_bytes = 0 if memory is None else sum(getattr(memory, f'{kind}_size_in_bytes', 0) or 0
-                  for kind in ('temp', 'argument', 'output')) - (
-                      getattr(memory, 'alias_size_in_bytes', 0) or 0)
   figures = {
       'config': common.config_name(FLAGS['config']),
       'image_size': list(config.data.image_size), 'base_width': config.model.base_width,
@@ -194,7 +190,7 @@ def main(argv):
       'gemm_peak_gflops': peak,
       'jax_fraction_of_gemm_peak': flops['executed'] / jax_seconds / 1e9 / peak,
       'torch_fraction_of_gemm_peak': flops['nominal'] / torch_seconds / 1e9 / peak,
-      'xla_memory_analysis_gib': None if memory is None else xla_bytes / 2**30,
+      'xla_memory_analysis_gib': None if staged else staged_step.program_bytes(compiled) / 2**30,
       'jax_max_rss_gib': jax_rss, 'torch_max_rss_gib': torch_rss,
       'peak_memory_ratio_vs_torch': jax_rss / torch_rss,
   }
