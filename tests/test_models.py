@@ -246,6 +246,36 @@ def test_bfloat16_matches_float32_reference(conv_impl):
   np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize('upsampled', [False, True])
+def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled):
+  # Values and all gradients: summing the column gradients in bfloat16 instead (as the column
+  # copies' transpose does in the input dtype) is off by up to 280% on small entries.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 6, 4, 5, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 8)) * 0.2, jnp.bfloat16)
+  out_size = tuple(s * (2 if upsampled else 1) for s in x.shape[1:4])
+  cotangent = jnp.asarray(rng.standard_normal((1, *out_size, 8)), jnp.bfloat16)
+
+  def conv(impl, x, kernel):
+    if upsampled:
+      if impl == 'im2col':
+        return layers._upsampled_conv(x, kernel, 'im2col')  # pylint: disable=protected-access
+      x = layers.upsample_nearest(x)
+    return _reference_conv(x, kernel, 1) if impl == 'lax' else layers.conv3d_same(
+        x, kernel, 1, [(1, 1)] * 3, impl)
+
+  got, vjp = jax.vjp(functools.partial(conv, 'im2col'), x, kernel)
+  wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
+  expected, expected_vjp = jax.vjp(functools.partial(conv, 'lax'), *wide[:2])
+  for name, value, reference in zip(('value', 'input gradient', 'kernel gradient'),
+                                    (got, *vjp(cotangent)),
+                                    (expected, *expected_vjp(wide[2]))):
+    assert value.dtype == jnp.bfloat16, name
+    # One bfloat16 rounding of the float32 result (8 significant bits: 2^-8 relative).
+    np.testing.assert_allclose(value.astype(jnp.float32), reference, rtol=2**-7, atol=1e-5,
+                               err_msg=name)
+
+
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
