@@ -15,14 +15,17 @@ BATCH_NORM_EPSILON = 1e-3
 GROUP_NORM_GROUPS = 32
 
 
-CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col')
+CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid')
 # 'auto' on CPU picks per layer by the size of the depth-stacked input copy that 'depth2d' would
 # keep for the backward pass (depth taps x input bytes): 'depth2d' up to 64 MiB (the small maps,
 # where it is 1.3-9x faster than 'lax'), 'im2col' up to 1 GiB, 'lax' above (benchmarks/
 # conv_impl.py --experimental: at 64^3 x 128 filters 'depth2d' 5.66 s, 'lax' 5.02 s, 'im2col'
 # 3.69 s). 'depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper step at
 # 128^3 ('lax' 15.7 GiB); 'im2col' on its 128^3 x 64-filter level as well is killed for lack of
-# memory here (20.0 GiB of temporaries), so that level stays 'lax'. Paper step at 96^3
+# memory here (20.0 GiB of temporaries), so that level is 'hybrid': the native convolution, but
+# its kernel gradient as im2col products (XLA:CPU's kernel-gradient convolution makes transposed
+# copies of the input and the cotangent; at 128^3 x 64 -> 64 filters forward+backward 16.7-17.5 s
+# and 1536 MiB of temporaries for 'lax', 14.5-14.7 s and 732 MiB for 'hybrid'). Paper step at 96^3
 # (benchmarks/train_step.py): 43.0 s with these limits, 57.4 s with 'depth2d' everywhere.
 DEPTH2D_STACK_LIMIT_BYTES = 64 * 2**20
 IM2COL_STACK_LIMIT_BYTES = 2**30
@@ -39,12 +42,14 @@ IM2COL_DTYPE = jnp.float32
 
 def resolve_conv_impl(conv_impl, stacked_bytes=0):
   """'auto' -> 'lax' (one native 3D convolution) on GPU/TPU; on CPU 'depth2d', 'im2col' or
-  'lax' by the layer's depth-stacked copy size `stacked_bytes` (see DEPTH2D_STACK_LIMIT_BYTES)."""
+  'hybrid' by the layer's depth-stacked copy size `stacked_bytes` (DEPTH2D_STACK_LIMIT_BYTES)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
   if conv_impl == 'auto':
-    if jax.default_backend() != 'cpu' or stacked_bytes > IM2COL_STACK_LIMIT_BYTES:
+    if jax.default_backend() != 'cpu':
       return 'lax'
+    if stacked_bytes > IM2COL_STACK_LIMIT_BYTES:
+      return 'hybrid'
     return 'im2col' if stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES else 'depth2d'
   return conv_impl
 
@@ -55,14 +60,15 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   'depth2d' computes exactly the same sum as 'lax' as one 2D convolution: the depth taps are
   folded into the input channels (a depth-shifted copy of the input per tap, concatenated) and
   the depth axis into the batch. 'im2col' computes it as matrix products, a few depth slices
-  at a time (see `_im2col_conv`).
+  at a time (see `_im2col_conv`). 'hybrid' is 'lax' with the kernel gradient of 'im2col'
+  (`_hybrid_conv`).
   """
   stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
   impl = resolve_conv_impl(conv_impl, stacked_bytes)
   if impl == 'lax':
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1, 1), padding=padding, rhs_dilation=(dilation,) * 3,
-        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+    return _native_conv(x, kernel, dilation, padding)
+  if impl == 'hybrid':
+    return _hybrid_conv(x, kernel, dilation, tuple(tuple(pair) for pair in padding))
   if impl == 'im2col':
     return _im2col_conv(x, kernel, dilation, padding)
   batch, depth, height, width, channels = x.shape
@@ -78,6 +84,63 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
       stacked, kernel_2d, window_strides=(1, 1), padding=padding[1:],
       rhs_dilation=(dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return y.reshape(batch, depth, height, width, kernel.shape[4])
+
+
+def _native_conv(x, kernel, dilation, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1, 1), padding=padding, rhs_dilation=(dilation,) * 3,
+      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _hybrid_conv(x, kernel, dilation, padding):
+  """The native convolution; its input gradient is native too, its kernel gradient is
+  `_im2col_kernel_gradient`. Residuals: the input and the kernel, as for the native one."""
+  return _native_conv(x, kernel, dilation, padding)
+
+
+def _hybrid_conv_forward(x, kernel, dilation, padding):
+  return _native_conv(x, kernel, dilation, padding), (x, kernel)
+
+
+def _hybrid_conv_backward(dilation, padding, residuals, cotangent):
+  x, kernel = residuals
+  # The convolution is linear in x: its transpose, without recomputing the forward pass.
+  input_transpose = jax.linear_transpose(
+      lambda x: _native_conv(x, kernel, dilation, padding), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  kernel_gradient = _im2col_kernel_gradient(x, cotangent, kernel.shape, dilation, padding)
+  return input_transpose(cotangent)[0], kernel_gradient.astype(kernel.dtype)
+
+
+_hybrid_conv.defvjp(_hybrid_conv_forward, _hybrid_conv_backward)
+
+
+def _im2col_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
+  """d(loss)/d(kernel) of a stride-1 convolution: the sum over blocks of output depth slices of
+  columns(input block)^T @ cotangent block, in IM2COL_DTYPE. Only one block's column matrix
+  exists at a time, and no transposed copy of the input or the cotangent."""
+  _, out_depth, out_height, out_width, out_features = cotangent.shape
+  rows = int(np.prod(kernel_shape[:4]))  # (kd, kh, kw, in), the kernel's row order
+  block = _depth_block(x.shape[0], cotangent.shape[1:4], rows)
+  halo = (kernel_shape[0] - 1) * dilation
+  offsets = tap_offsets(kernel_shape, dilation)
+
+  def add_block(total, index):
+    # The block's input depth slices, zeros where they fall in the depth padding.
+    depths = index * block - padding[0][0] + jnp.arange(block + halo)
+    inside = (depths >= 0) & (depths < x.shape[1])
+    slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
+    slab = jnp.where(inside[None, :, None, None, None], slab, 0)
+    slab = jnp.pad(slab, ((0, 0), (0, 0), *padding[1:], (0, 0)))
+    columns = jnp.concatenate([slab[:, a:a + block, b:b + out_height, c:c + out_width]
+                               for a, b, c in offsets], axis=-1)
+    outputs = jax.lax.dynamic_slice_in_dim(cotangent, index * block, block, axis=1)
+    return total + jnp.dot(columns.reshape(-1, rows).T,
+                           outputs.astype(IM2COL_DTYPE).reshape(-1, out_features)), None
+
+  total, _ = jax.lax.scan(add_block, jnp.zeros((rows, out_features), IM2COL_DTYPE),
+                          jnp.arange(out_depth // block))
+  return total.reshape(kernel_shape)
 
 
 def tap_offsets(kernel_shape, dilation):
@@ -99,7 +162,7 @@ def _im2col_conv(x, kernel, dilation, padding):
   padded = jnp.pad(x.astype(IM2COL_DTYPE), ((0, 0), *padding, (0, 0)))
   # rows in (kd, kh, kw, in) order
   matrix = kernel.astype(IM2COL_DTYPE).reshape(-1, kernel.shape[-1])
-  block = _depth_block(padded, out_shape, matrix.shape[0])
+  block = _depth_block(x.shape[0], out_shape, matrix.shape[0])
   halo = (kernel.shape[0] - 1) * dilation
   offsets = tap_offsets(kernel.shape, dilation)
 
@@ -114,10 +177,10 @@ def _im2col_conv(x, kernel, dilation, padding):
                            out_shape[0] // block).astype(x.dtype)
 
 
-def _depth_block(padded, out_shape, columns):
+def _depth_block(batch, out_shape, columns):
   """Output depth slices per im2col block: the most that divide the depth and keep one block's
-  column matrix (`columns` wide, `padded`'s dtype) within IM2COL_BLOCK_BYTES (at least one)."""
-  slice_bytes = padded.shape[0] * out_shape[1] * out_shape[2] * columns * padded.dtype.itemsize
+  column matrix (`columns` wide, IM2COL_DTYPE) within IM2COL_BLOCK_BYTES (at least one)."""
+  slice_bytes = batch * out_shape[1] * out_shape[2] * columns * jnp.dtype(IM2COL_DTYPE).itemsize
   return max(b for b in range(1, out_shape[0] + 1)
              if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
 
@@ -249,7 +312,7 @@ def _upsampled_im2col_conv(x, phase_kernels):
   _, depth, height, width, _ = x.shape
   padded = jnp.pad(x.astype(IM2COL_DTYPE), ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
   matrices = jnp.stack([k.astype(IM2COL_DTYPE).reshape(-1, k.shape[-1]) for k in phase_kernels])
-  block = _depth_block(padded, x.shape[1:4], matrices.shape[1])
+  block = _depth_block(x.shape[0], x.shape[1:4], matrices.shape[1])
   taps = tap_offsets((2, 2, 2), 1)
 
   @jax.checkpoint

@@ -1,5 +1,5 @@
-"""3D convolution on XLA:CPU: native `lax` vs `depth2d` (layers.conv3d_same), forward and
-forward+backward, on the shapes of the demo and paper models.
+"""3D convolution on XLA:CPU: native `lax` vs `depth2d`, `im2col` and `hybrid` (layers.conv3d_same),
+forward and forward+backward, on the shapes of the demo and paper models, in float32 or bfloat16.
 
 python benchmarks/conv_impl.py [--shapes=48x8x8,24x16x16,...]   (size x in x out [x dilation])
 Writes benchmarks/results/conv_impl.json. With --experimental it also times a formulation tried
@@ -27,6 +27,8 @@ from benchmarks import common  # noqa: E402
 flags.DEFINE_list('shapes', ['48x8x8', '48x16x8', '24x16x16', '12x32x32', '6x64x32x2',
                              '16x256x256', '8x512x512', '8x1024x256x6'],
                   'Cubic input size x input channels x output channels [x dilation].')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Input and kernel dtype.')
+flags.DEFINE_list('impls', None, 'Formulations to time (default: all of them).')
 flags.DEFINE_integer('repeats', 5, 'Timed calls (median) after one compiling call.')
 flags.DEFINE_string('output', 'benchmarks/results/conv_impl.json', 'Result JSON.')
 flags.DEFINE_bool('experimental', False, 'Also time the tap-sum formulation, check every '
@@ -49,9 +51,11 @@ def tap_sum_conv(x, kernel, dilation, padding):
 
 def _formulations():
   formulations = {impl: functools.partial(layers.conv3d_same, conv_impl=impl)
-                  for impl in ('lax', 'depth2d', 'im2col')}
+                  for impl in ('lax', 'depth2d', 'im2col', 'hybrid')}
   if FLAGS.experimental:
     formulations['tap_sum'] = tap_sum_conv
+  if FLAGS.impls:
+    formulations = {impl: formulations[impl] for impl in FLAGS.impls}
   return formulations
 
 
@@ -71,16 +75,17 @@ def main(argv):
   for spec in FLAGS.shapes:
     size, in_features, out_features, dilation = (int(v) for v in (spec + 'x1').split('x')[:4])
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, size, size, size, in_features)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, size, size, size, in_features)), FLAGS.dtype)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, in_features, out_features)) * 0.1,
-                         jnp.float32)
+                         FLAGS.dtype)
     padding = [(dilation, dilation)] * 3
     flops = 2 * size**3 * 27 * in_features * out_features
-    row = {'shape': spec, 'flops_forward': flops}
+    row = {'shape': spec, 'dtype': FLAGS.dtype, 'flops_forward': flops}
     for impl, formulation in _formulations().items():
       conv = functools.partial(formulation, dilation=dilation, padding=padding)
       forward = jax.jit(conv)
-      backward = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k)**2), (0, 1)))
+      backward = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(
+          conv(x, k).astype(jnp.float32)**2), (0, 1)))
       row[f'{impl}_forward_seconds'] = _median_seconds(forward, x, kernel)
       row[f'{impl}_forward_backward_seconds'] = _median_seconds(backward, x, kernel)
       row[f'{impl}_forward_backward_gflops'] = 3 * flops / row[
@@ -94,12 +99,9 @@ def main(argv):
         print(f'{spec:14s} {impl:15s} fwd+bwd {row[f"{impl}_forward_backward_seconds"]:.3f} s, '
               f'{row[f"{impl}_forward_backward_gflops"]:.0f} GFLOP/s, XLA temporaries '
               f'{row[f"{impl}_forward_backward_temp_mib"]:.0f} MiB', flush=True)
-    row['forward_backward_speedup'] = (row['lax_forward_backward_seconds'] /
-                                       row['depth2d_forward_backward_seconds'])
     rows.append(row)
-    print(f'{spec:14s} fwd+bwd lax {row["lax_forward_backward_seconds"] * 1e3:8.1f} ms, depth2d '
-          f'{row["depth2d_forward_backward_seconds"] * 1e3:8.1f} ms, speed-up '
-          f'{row["forward_backward_speedup"]:.2f}x', flush=True)
+    print(spec, ', '.join(f'{impl} {row[f"{impl}_forward_backward_seconds"] * 1e3:.1f} ms'
+                          for impl in _formulations()), '(forward+backward)', flush=True)
   common.write_result(FLAGS.output, {'rows': rows})
   print(f'wrote {FLAGS.output}')
 

@@ -52,7 +52,8 @@ def get_config():
   model.bn_momentum = 0.99  # BatchNorm running-average momentum (Keras default, the paper's)
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   model.remat = False  # recompute residual-block activations in the backward pass
-  model.conv_impl = 'auto'  # 'auto' (CPU: per layer, see layers.py; else 'lax') | 'lax' | 'depth2d'
+  # 'auto' (CPU: per layer, see layers.py; else 'lax') | 'lax' | 'depth2d' | 'im2col' | 'hybrid'
+  model.conv_impl = 'auto'
 
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 120  # paper
@@ -66,7 +67,7 @@ def get_config():
   train.keep_checkpoints = 3  # latest checkpoints kept besides the best one
   train.log_every_steps = 10  # TensorBoard/metrics.jsonl training scalars every N steps
   # 'fused': the training step is one compiled program; 'staged': one per half residual block,
-  # each recomputing its forward in its backward (under half the memory, ~1.75x the time on CPU);
+  # each recomputing its forward in its backward (half the memory, ~1.5x the time on CPU);
   # 'auto': 'staged' only on CPU when the fused step would not fit in the available memory.
   train.step_mode = 'auto'
   train.max_steps = -1  # stop after this many steps (-1: num_epochs); for tests and timing

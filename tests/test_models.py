@@ -211,7 +211,7 @@ def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
       dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
 
 
-@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col'])
+@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid'])
 @pytest.mark.parametrize('seed', range(6))
 def test_gradients_equal_lax_on_random_shapes(seed, conv_impl):
   rng = np.random.default_rng(seed)
@@ -234,7 +234,7 @@ def test_gradients_equal_lax_on_random_shapes(seed, conv_impl):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col'])
+@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid'])
 def test_bfloat16_matches_float32_reference(conv_impl):
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 8)), jnp.bfloat16)
@@ -279,7 +279,7 @@ def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled):
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
-  for conv_impl in ('lax', 'depth2d', 'im2col'):
+  for conv_impl in ('lax', 'depth2d', 'im2col', 'hybrid'):
     model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2,
                    aspp_rates=(1, 2, 3), conv_impl=conv_impl)
     variables = _jit_init(model)(KEY, x, train=False)
@@ -294,7 +294,8 @@ def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
   assert layers.resolve_conv_impl('auto', depth2d_limit) == 'depth2d'
   assert layers.resolve_conv_impl('auto', depth2d_limit + 1) == 'im2col'
   assert layers.resolve_conv_impl('auto', im2col_limit) == 'im2col'
-  assert layers.resolve_conv_impl('auto', im2col_limit + 1) == 'lax'  # the least memory
+  # The native convolution, its kernel gradient as matrix products: the least memory.
+  assert layers.resolve_conv_impl('auto', im2col_limit + 1) == 'hybrid'
   assert layers.resolve_conv_impl('depth2d', im2col_limit + 1) == 'depth2d'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_impl('auto') == 'lax'
@@ -302,9 +303,22 @@ def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
 
 
 def _spatial_ranks_of_convolutions(fn, *args):
-  jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args)  # a new function: no cached trace
-  return sorted(eqn.invars[0].aval.ndim - 2 for eqn in jaxpr.eqns
-                if eqn.primitive.name == 'conv_general_dilated')
+  """Spatial ranks of the convolutions `fn` runs, inside calls (custom_vjp, scan...) too."""
+
+  def ranks(jaxpr):
+    found = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'conv_general_dilated':
+        found.append(eqn.invars[0].aval.ndim - 2)
+      for param in eqn.params.values():
+        for inner in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(inner, jax.extend.core.ClosedJaxpr):
+            found += ranks(inner.jaxpr)
+          elif isinstance(inner, jax.extend.core.Jaxpr):
+            found += ranks(inner)
+    return found
+
+  return sorted(ranks(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr))  # a new function: no cache
 
 
 def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
@@ -319,6 +333,9 @@ def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == []  # im2col: matrix products
   monkeypatch.setattr(layers, 'IM2COL_STACK_LIMIT_BYTES', 3 * x.nbytes - 1)
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == [3]  # the native 3D convolution
+  # ... whose kernel gradient ('hybrid') is matrix products, its input gradient a convolution.
+  assert _spatial_ranks_of_convolutions(jax.grad(lambda x, k: jnp.sum(conv(x, k)), (0, 1)), x,
+                                        kernel) == [3, 3]
 
 
 def test_live_taps():
@@ -447,15 +464,29 @@ def test_bn_momentum_sets_the_running_average_update(momentum):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize('conv_impl', ['im2col', 'hybrid'])
 @pytest.mark.parametrize('block_bytes', [1, 10**9])  # one depth slice per block / all at once
-def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes):
+def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_impl):
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 6, 5, 4, 3)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((3, 1, 3, 3, 4)), jnp.float32)  # a trimmed kernel
-  padding = [(2, 2), (0, 0), (2, 2)]
+  padding = [(2, 1), (0, 0), (2, 2)]  # asymmetric in depth: blocks at both ends differ
+  cotangent = jnp.asarray(rng.standard_normal((2, 5, 5, 4, 4)), jnp.float32)
   monkeypatch.setattr(layers, 'IM2COL_BLOCK_BYTES', block_bytes)
-  got = layers.conv3d_same(x, kernel, 2, padding, 'im2col')
-  expected = jax.lax.conv_general_dilated(
-      x, kernel, (1, 1, 1), padding, rhs_dilation=(2, 2, 2),
-      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+
+  def loss(conv_impl, x, kernel):
+    if conv_impl == 'lax':
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (1, 1, 1), padding, rhs_dilation=(2, 2, 2),
+          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+    else:
+      y = layers.conv3d_same(x, kernel, 2, padding, conv_impl)
+    return jnp.sum(y * cotangent), y
+
+  (_, got), got_grads = jax.value_and_grad(
+      functools.partial(loss, conv_impl), (0, 1), has_aux=True)(x, kernel)
+  (_, expected), expected_grads = jax.value_and_grad(
+      functools.partial(loss, 'lax'), (0, 1), has_aux=True)(x, kernel)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for g, e in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
