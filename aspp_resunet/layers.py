@@ -18,14 +18,17 @@ GROUP_NORM_GROUPS = 32
 CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid')
 # 'auto' on CPU picks per layer by the size of the depth-stacked input copy that 'depth2d' would
 # keep for the backward pass (depth taps x input bytes): 'depth2d' up to 64 MiB (the small maps,
-# where it is 1.3-9x faster than 'lax'), 'im2col' up to 1 GiB, 'lax' above (benchmarks/
+# where it is 1.3-9x faster than 'lax'), 'im2col' up to 1 GiB, 'hybrid' above (benchmarks/
 # conv_impl.py --experimental: at 64^3 x 128 filters 'depth2d' 5.66 s, 'lax' 5.02 s, 'im2col'
 # 3.69 s). 'depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper step at
-# 128^3 ('lax' 15.7 GiB); 'im2col' on its 128^3 x 64-filter level as well is killed for lack of
-# memory here (20.0 GiB of temporaries), so that level is 'hybrid': the native convolution, but
-# its kernel gradient as im2col products (XLA:CPU's kernel-gradient convolution makes transposed
-# copies of the input and the cotangent; at 128^3 x 64 -> 64 filters forward+backward 16.7-17.5 s
-# and 1536 MiB of temporaries for 'lax', 14.5-14.7 s and 732 MiB for 'hybrid'). Paper step at 96^3
+# 128^3 ('lax' 15.7 GiB); 'im2col' on its 128^3 x 64-filter level as well needs 1.6 GiB more
+# temporaries in the whole step than 'hybrid' (13.9 GiB; 20.0 GiB before the decoder's upsampled
+# convolutions, killed for lack of memory here), so that level is
+# 'hybrid': computed as 'im2col', but keeping only the input for the backward pass, whose input
+# gradient is the native transposed convolution and whose kernel gradient is im2col products
+# (XLA:CPU's kernel-gradient convolution makes transposed copies of the input and the cotangent).
+# At 128^3 x 64 -> 64 filters, forward+backward: 'lax' 16.5 s and 1536 MiB of temporaries,
+# 'im2col' 12.6 s and 1401 MiB, 'hybrid' 11.6 s and 753 MiB. Paper step at 96^3
 # (benchmarks/train_step.py): 43.0 s with these limits, 57.4 s with 'depth2d' everywhere.
 DEPTH2D_STACK_LIMIT_BYTES = 64 * 2**20
 IM2COL_STACK_LIMIT_BYTES = 2**30
@@ -60,7 +63,7 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   'depth2d' computes exactly the same sum as 'lax' as one 2D convolution: the depth taps are
   folded into the input channels (a depth-shifted copy of the input per tap, concatenated) and
   the depth axis into the batch. 'im2col' computes it as matrix products, a few depth slices
-  at a time (see `_im2col_conv`). 'hybrid' is 'lax' with the kernel gradient of 'im2col'
+  at a time (see `_im2col_conv`). 'hybrid' is 'im2col' differentiated with less memory
   (`_hybrid_conv`).
   """
   stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
@@ -94,13 +97,14 @@ def _native_conv(x, kernel, dilation, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _hybrid_conv(x, kernel, dilation, padding):
-  """The native convolution; its input gradient is native too, its kernel gradient is
-  `_im2col_kernel_gradient`. Residuals: the input and the kernel, as for the native one."""
-  return _native_conv(x, kernel, dilation, padding)
+  """The convolution computed as `_im2col_conv`, differentiated as the native one for the input
+  (a native transposed convolution) and by `_im2col_kernel_gradient` for the kernel. Residuals:
+  the input and the kernel only, as for the native convolution."""
+  return _im2col_conv(x, kernel, dilation, padding)
 
 
 def _hybrid_conv_forward(x, kernel, dilation, padding):
-  return _native_conv(x, kernel, dilation, padding), (x, kernel)
+  return _im2col_conv(x, kernel, dilation, padding), (x, kernel)
 
 
 def _hybrid_conv_backward(dilation, padding, residuals, cotangent):
