@@ -137,8 +137,7 @@ def _im2col_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
     slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
     slab = jnp.where(inside[None, :, None, None, None], slab, 0)
     slab = jnp.pad(slab, ((0, 0), (0, 0), *padding[1:], (0, 0)))
-    columns = jnp.concatenate([slab[:, a:a + block, b:b + out_height, c:c + out_width]
-                               for a, b, c in offsets], axis=-1)
+    columns = jnp.concatenate(_tap_views(slab, offsets, (block, out_height, out_width)), axis=-1)
     outputs = jax.lax.dynamic_slice_in_dim(cotangent, index * block, block, axis=1)
     return total + jnp.dot(columns.reshape(-1, rows).T,
                            outputs.astype(IM2COL_DTYPE).reshape(-1, out_features)), None
@@ -174,9 +173,7 @@ def _im2col_conv(x, kernel, dilation, padding):
   @jax.checkpoint
   def block_product(padded, matrix, index):
     slab = jax.lax.dynamic_slice_in_dim(padded, index * block, block + halo, axis=1)
-    return _columns_product(
-        [slab[:, a:a + block, b:b + out_shape[1], c:c + out_shape[2]] for a, b, c in offsets],
-        matrix)
+    return _columns_product(_tap_views(slab, offsets, (block, *out_shape[1:])), matrix)
 
   return _map_depth_blocks(lambda index: block_product(padded, matrix, index),
                            out_shape[0] // block).astype(x.dtype)
@@ -188,6 +185,11 @@ def _depth_block(batch, out_shape, columns):
   slice_bytes = batch * out_shape[1] * out_shape[2] * columns * jnp.dtype(IM2COL_DTYPE).itemsize
   return max(b for b in range(1, out_shape[0] + 1)
              if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+
+
+def _tap_views(slab, offsets, shape):
+  """The (depth, height, width) = `shape` windows of `slab` at each tap's (d, h, w) offset."""
+  return [slab[:, a:a + shape[0], b:b + shape[1], c:c + shape[2]] for a, b, c in offsets]
 
 
 def _columns_product(views, matrix):
@@ -325,8 +327,8 @@ def _upsampled_im2col_conv(x, phase_kernels):
     slab = jax.lax.dynamic_slice_in_dim(padded, index * block, block + 2, axis=1)
     # Phase parity 0 reads coarse offsets (-1, 0), parity 1 (0, +1): padded index + parity.
     return _interleave_phases(jnp.stack([
-        _columns_product([slab[:, p + a:p + a + block, q + b:q + b + height,
-                               r + c:r + c + width] for a, b, c in taps], matrix)
+        _columns_product(_tap_views(slab, [(p + a, q + b, r + c) for a, b, c in taps],
+                                    (block, height, width)), matrix)
         for matrix, (p, q, r) in zip(matrices, PHASES)]))
 
   return _map_depth_blocks(lambda index: block_product(padded, matrices, index),
