@@ -379,14 +379,92 @@ class Conv3D(nn.Module):
 def make_norm(kind, train, dtype, name, momentum=BATCH_NORM_MOMENTUM):
   """A normalisation layer: 'batch' (running stats), 'group' (32 groups) or 'instance'."""
   if kind == 'batch':
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum,
-                        epsilon=BATCH_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-                        name=name)
+    return BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype, name=name)
   if kind == 'group':
     return _GroupNorm(num_groups=GROUP_NORM_GROUPS, dtype=dtype, name=name)
   if kind == 'instance':
     return _GroupNorm(num_groups=None, dtype=dtype, name=name)
   raise ValueError(f'norm must be one of {NORMS}, got {kind!r}')
+
+
+def _batch_statistics(x):
+  """Per-channel mean and variance (E[x^2] - E[x]^2, clipped at 0) of x, in float32."""
+  axes = tuple(range(x.ndim - 1))
+  x = x.astype(jnp.float32)
+  mean = x.mean(axes)
+  return mean, jnp.maximum(0.0, (x * x).mean(axes) - mean * mean)
+
+
+def _normalise(x, mean, var, scale, bias, epsilon, dtype):
+  """(x - mean) * scale / sqrt(var + epsilon) + bias, in float32, cast to `dtype`."""
+  multiplier = jax.lax.rsqrt(var + epsilon) * scale
+  return ((x.astype(jnp.float32) - mean) * multiplier + bias).astype(dtype)
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, dtype):
+  mean, var = _batch_statistics(x)
+  return (_normalise(x, mean, var, scale, bias, epsilon, dtype), mean, var), (x, mean, var, scale)
+
+
+def _batch_norm_backward(epsilon, dtype, residuals, cotangents):
+  # Two per-channel sums over (g, x), then one elementwise pass: the centred input is made on
+  # the fly, never stored.
+  del dtype
+  x, mean, var, scale = residuals
+  output_cotangent, mean_cotangent, var_cotangent = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = np.prod(x.shape[:-1])
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  g = output_cotangent.astype(jnp.float32)
+  centred = x.astype(jnp.float32) - mean
+  bias_gradient = g.sum(axes)
+  normalised_gradient = (g * centred).sum(axes) * inverse_std  # = the scale's gradient
+  x_gradient = (scale * inverse_std * (
+      g - (bias_gradient + centred * inverse_std * normalised_gradient) / count)
+                # The statistics' own cotangents (zero when they only feed the running averages);
+                # the clip of the variance at 0 is taken as not active.
+                + (mean_cotangent + 2 * var_cotangent * centred) / count)
+  return x_gradient.astype(x.dtype), normalised_gradient, bias_gradient
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon, dtype):
+  """Training-mode BatchNorm over all axes but the last: (y, batch mean, batch variance).
+
+  The gradient keeps only x (in its own dtype) and per-channel figures: differentiating the
+  formula instead keeps x and its centred float32 copy, two more maps of the block's size
+  at the backward pass's peak.
+  """
+  return _batch_norm_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nn.Module):
+  """flax's nn.BatchNorm (same variables, fast variance, float32 statistics and parameters),
+  with a training-mode gradient that does not store the centred input (`batch_norm_train`)."""
+
+  use_running_average: bool
+  momentum: float = BATCH_NORM_MOMENTUM
+  epsilon: float = BATCH_NORM_EPSILON
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    if self.use_running_average:
+      return _normalise(x, running_mean.value, running_var.value, scale, bias, self.epsilon,
+                        self.dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
+    if not self.is_initializing():
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    return y
 
 
 class _GroupNorm(nn.Module):

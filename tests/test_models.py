@@ -490,3 +490,93 @@ def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   for g, e in zip(got_grads, expected_grads):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
+
+
+def _flax_batch_norm(train, dtype, momentum=0.9):
+  return flax_nn.BatchNorm(use_running_average=not train, momentum=momentum,
+                           epsilon=layers.BATCH_NORM_EPSILON, dtype=dtype,
+                           param_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_equals_flax_batch_norm_values_gradients_and_running_stats(dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 7, 3)) * 3 + 2, dtype)
+  ours = layers.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
+  theirs = _flax_batch_norm(True, dtype)
+  variables = theirs.init(KEY, x)
+  assert (jax.tree_util.tree_structure(ours.init(KEY, x)) ==
+          jax.tree_util.tree_structure(variables))
+  variables = {'params': {'scale': jnp.asarray(rng.standard_normal(3), jnp.float32),
+                          'bias': jnp.asarray(rng.standard_normal(3), jnp.float32)},
+               'batch_stats': {'mean': jnp.asarray(rng.standard_normal(3), jnp.float32),
+                               'var': jnp.asarray(rng.random(3) + 0.5, jnp.float32)}}
+  weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def loss(module, params, x):
+    y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    assert y.dtype == dtype
+    return jnp.sum(weights * y.astype(jnp.float32) ** 2), (y, updates)
+
+  results = [jax.jit(jax.value_and_grad(functools.partial(loss, module), argnums=(0, 1),
+                                        has_aux=True))(variables['params'], x)
+             for module in (ours, theirs)]
+  (_, (y, updates)), grads = results[0]
+  (_, (flax_y, flax_updates)), flax_grads = results[1]
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.float32(y), np.float32(flax_y), rtol=tolerance, atol=tolerance)
+  for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(flax_updates)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(flax_grads)):
+    scale = float(np.abs(np.float32(b)).max())
+    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tolerance * scale)
+  # Evaluation mode: the running statistics, as flax.
+  eval_ours = layers.BatchNorm(use_running_average=True, dtype=dtype).apply(variables, x)
+  eval_theirs = _flax_batch_norm(False, dtype).apply(variables, x)
+  np.testing.assert_allclose(np.float32(eval_ours), np.float32(eval_theirs), rtol=tolerance,
+                             atol=tolerance)
+
+
+def test_batch_norm_gradient_through_its_statistics():
+  # The batch mean and variance outputs have their own cotangents (zero in training, where they
+  # only feed the running averages); the custom gradient must still be the formula's.
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4, 5, 2)), jnp.float32)
+  scale, bias = jnp.asarray([1.5, -0.5]), jnp.asarray([0.1, 0.2])
+
+  def formula(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = (x * x).mean((0, 1, 2)) - mean**2
+    return (x - mean) * jax.lax.rsqrt(var + 1e-3) * scale + bias, mean, var
+
+  def total(fn, x, scale, bias):
+    y, mean, var = fn(x, scale, bias)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(mean**3) + jnp.sum(jnp.cos(var))
+
+  ours = jax.grad(functools.partial(total, lambda *a: layers.batch_norm_train(
+      *a, 1e-3, jnp.float32)), argnums=(0, 1, 2))(x, scale, bias)
+  reference = jax.grad(functools.partial(total, formula), argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_gradient_does_not_store_the_centred_input():
+  # Both normalisations' backward passes at once, as in a residual block's second half: flax's
+  # autodiff keeps each input and its centred float32 copy; ours only the input.
+  x = jax.ShapeDtypeStruct((1, 16, 16, 16, 8), jnp.float32)
+  features = jax.ShapeDtypeStruct((8,), jnp.float32)
+
+  def temporaries(module):
+    def loss(params, a, b):
+      y = [module.apply({'params': params, 'batch_stats': {'mean': jnp.zeros(8),
+                                                          'var': jnp.ones(8)}},
+                        v, mutable=['batch_stats'])[0] for v in (a, b)]
+      return jnp.sum(flax_nn.relu(y[0] + y[1]) ** 2)
+
+    params = {'scale': features, 'bias': features}
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, x, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  map_bytes = 16**3 * 8 * 4
+  ours = temporaries(layers.BatchNorm(use_running_average=False))
+  theirs = temporaries(_flax_batch_norm(True, jnp.float32))
+  assert ours <= theirs - map_bytes, (ours / map_bytes, theirs / map_bytes)
