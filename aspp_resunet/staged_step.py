@@ -108,6 +108,10 @@ class StagedTrainStep:
             jax.lax.with_sharding_constraint(counts, self._replicated))
 
   def __call__(self, state, batch):
+    if self._replicated is not None:
+      # Where the update puts it: a state placed elsewhere (e.g. fresh from initialisation)
+      # would have every program compiled twice, for it and for the first update's output.
+      state = jax.device_put(state, self._replicated)
     subtrees = [(select_paths(state.params, segment.paths),
                  select_paths(state.batch_stats, segment.paths)) for segment in self._segments]
 

@@ -73,6 +73,21 @@ def report(path, figures):
   print(f'wrote {path}')
 
 
+def place_like_trainer(state, batch):
+  """(state, batch, replicated sharding) placed on the mesh as train_lib places them.
+
+  A state left where initialisation put it has the step compiled again at the second call,
+  for the updated (replicated) state's placement: warm-up would not cover compilation.
+  """
+  import jax
+
+  from aspp_resunet import train_lib
+
+  sharder = train_lib._Sharder(train_lib.make_mesh())  # pylint: disable=protected-access
+  return (jax.device_put(state, sharder.replicated), jax.device_put(batch, sharder.data),
+          sharder.replicated)
+
+
 def step_flops(config, state, batch, nominal=False):
   """FLOPs of one training step, counted by XLA on the step lowered with native convolutions.
 

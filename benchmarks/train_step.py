@@ -37,7 +37,7 @@ def main(argv):
            'label': jnp.asarray(rng.integers(0, 4, (batch_size, *config.data.image_size)),
                                 jnp.int32),
            'mask': jnp.ones((batch_size,), jnp.float32)}
-  replicated = train_lib._Sharder(train_lib.make_mesh()).replicated  # pylint: disable=protected-access
+  state, batch, replicated = common.place_like_trainer(state, batch)
   started = time.perf_counter()  # 'auto' compiles the fused step to measure its memory
   step = train_lib.make_train_fn(config, model, replicated, state, batch)
   staged = isinstance(step, staged_step.StagedTrainStep)

@@ -50,7 +50,7 @@ def _jax_step(config, image, label):
   state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
   batch = {'image': jnp.asarray(image), 'label': jnp.asarray(label),
            'mask': jnp.ones((image.shape[0],), jnp.float32)}
-  replicated = train_lib._Sharder(train_lib.make_mesh()).replicated  # pylint: disable=protected-access
+  state, batch, replicated = common.place_like_trainer(state, batch)
   step = train_lib.make_train_fn(config, model, replicated, state, batch)
   # The staged step is several programs, compiled by the warm-up call.
   staged = isinstance(step, staged_step.StagedTrainStep)

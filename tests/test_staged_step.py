@@ -164,3 +164,30 @@ def test_auto_step_mode_stages_only_when_the_fused_step_does_not_fit(monkeypatch
                                   staged_step.FUSED_MEMORY_FRACTION) - 1)
   assert isinstance(train_lib.make_train_fn(config, model, sharder.replicated, state, batch),
                     staged_step.StagedTrainStep)
+
+
+def test_staged_step_compiles_its_programs_once_whatever_the_initial_placement():
+  # A state straight from initialisation (not yet on the mesh) used to have every program
+  # compiled again at the second step, for the updated state's sharding.
+  config = _config()
+  model = models.create_model(config.model)
+  state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
+  step = staged_step.StagedTrainStep(model, 'ce', train_lib._Sharder(  # pylint: disable=protected-access
+      train_lib.make_mesh()).replicated)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+
+  batch = _batch(config, 1)
+  state, _ = step(state, batch)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(2):
+      state, out = step(state, batch)
+      jax.block_until_ready(out)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
