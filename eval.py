@@ -11,6 +11,7 @@ from ml_collections import config_flags
 from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import eval_lib
+from aspp_resunet import host_memory
 from aspp_resunet import labels
 from aspp_resunet import stats
 from aspp_resunet import train_lib
@@ -34,6 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  host_memory.limit_malloc_arenas()
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval', FLAGS.split)
   try:
     distributed.from_flags()

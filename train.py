@@ -9,6 +9,7 @@ from ml_collections import config_flags
 
 from aspp_resunet import cli
 from aspp_resunet import distributed
+from aspp_resunet import host_memory
 from aspp_resunet import train_lib
 from data_pipelines import brats
 from data_pipelines import tfds_brats
@@ -25,6 +26,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   # Library INFO logs (orbax writes dozens of lines per checkpoint) drown the progress lines.
   logging.set_verbosity(logging.WARNING)
+  host_memory.limit_malloc_arenas()
   try:
     distributed.from_flags()
     summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

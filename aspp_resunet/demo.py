@@ -11,6 +11,7 @@ from absl import logging
 
 from aspp_resunet import checkpointing
 from aspp_resunet import eval_lib
+from aspp_resunet import host_memory
 from aspp_resunet import labels
 from aspp_resunet import train_lib
 from configs import demo as demo_config
@@ -131,6 +132,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.ERROR)
+  host_memory.limit_malloc_arenas()
   aspp_config, baseline_config = demo_configs(FLAGS.num_epochs, FLAGS.num_cases,
                                               FLAGS.data_root)
   try:

@@ -14,6 +14,7 @@ import numpy as np
 from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import eval_lib
+from aspp_resunet import host_memory
 from aspp_resunet import labels
 from data_pipelines import brats
 from data_pipelines import preprocess
@@ -100,6 +101,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  host_memory.limit_malloc_arenas()
   flags_ = flags.FLAGS
   try:
     distributed.from_flags()

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aspp_resunet import eval_lib  # noqa: E402
+from aspp_resunet import host_memory
 from aspp_resunet import labels  # noqa: E402
 from aspp_resunet import models  # noqa: E402
 from aspp_resunet import train_lib  # noqa: E402
@@ -88,6 +89,7 @@ def _case_pipeline(case, scheme, options, forward, output_dir):
 
 def main(argv):
   del argv
+  host_memory.limit_malloc_arenas()  # as the predict program
   config = FLAGS.config
   scheme = labels.get_scheme(config.data.scheme)
   options = preprocess.PreprocessOptions(

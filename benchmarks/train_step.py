@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import host_memory
 from aspp_resunet import labels  # noqa: E402
 from aspp_resunet import models  # noqa: E402
 from aspp_resunet import staged_step  # noqa: E402
@@ -27,6 +28,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  host_memory.limit_malloc_arenas()  # as the trainer's programs
   config = FLAGS.config
   model = models.create_model(config.model)
   state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))

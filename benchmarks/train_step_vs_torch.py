@@ -22,6 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import host_memory
 from aspp_resunet import labels  # noqa: E402
 from aspp_resunet import models  # noqa: E402
 from aspp_resunet import staged_step  # noqa: E402
@@ -146,6 +147,7 @@ def _overrides():
 
 def main(argv):
   del argv
+  host_memory.limit_malloc_arenas()  # as the trainer's programs
   config = FLAGS.config
   config.model.dtype = FLAGS.dtype
   image, label = _batch(config)
