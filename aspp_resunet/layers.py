@@ -319,8 +319,7 @@ def _upsampled_im2col_conv(x, phase_kernels):
   _, depth, height, width, _ = x.shape
   padded = jnp.pad(x.astype(IM2COL_DTYPE), ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
   matrices = jnp.stack([k.astype(IM2COL_DTYPE).reshape(-1, k.shape[-1]) for k in phase_kernels])
-  # A block holds the column matrices of all 8 phases (and their gradients, backwards).
-  block = _depth_block(x.shape[0], x.shape[1:4], len(PHASES) * matrices.shape[1])
+  block = _depth_block(x.shape[0], x.shape[1:4], matrices.shape[1])
   taps = tap_offsets((2, 2, 2), 1)
 
   @jax.checkpoint

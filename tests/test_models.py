@@ -580,16 +580,3 @@ def test_batch_norm_gradient_does_not_store_the_centred_input():
   ours = temporaries(layers.BatchNorm(use_running_average=False))
   theirs = temporaries(_flax_batch_norm(True, jnp.float32))
   assert ours <= theirs - map_bytes, (ours / map_bytes, theirs / map_bytes)
-
-
-def test_upsampled_im2col_blocks_hold_all_eight_phases_within_the_block_bytes(monkeypatch):
-  # Each block builds the column matrices of all 8 phases: (8 taps x 16 channels) columns x
-  # 8 x 8 rows x 4 bytes = 32 KiB per phase per coarse slice, 256 KiB for the 8 phases. With
-  # 512 KiB per block that is 2 slices per block, 4 blocks over the 8 slices (sizing for one
-  # phase's columns gave a single block of 8 slices: 2 MiB).
-  monkeypatch.setattr(layers, 'IM2COL_BLOCK_BYTES', 512 * 2**10)
-  x = jnp.zeros((1, 8, 8, 8, 16))
-  kernel = jnp.zeros((3, 3, 3, 16, 4))
-  jaxpr = jax.make_jaxpr(lambda x, k: layers._upsampled_conv(x, k, 'im2col'))(x, kernel)  # pylint: disable=protected-access
-  lengths = [eqn.params['length'] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == 'scan']
-  assert lengths == [4]
