@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from aspp_resunet import host_memory
+
 REPO = __file__.rsplit('/tests/', 1)[0]
 
 # Starts 6 threads that each allocate while all are alive, then counts glibc's arenas (the heaps
@@ -46,9 +48,17 @@ def _arenas(mode, **env):
   return applied, int(count)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc arenas only')
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc',
+                    reason='glibc only; the call on other C libraries: '
+                    'test_limit_malloc_arenas_leaves_other_c_libraries_alone')
 def test_limit_malloc_arenas_caps_the_arenas_threads_get():
   assert _arenas('none') == ('None', 7)  # glibc's default: one per thread here
   assert _arenas('limit') == ('True', 2)
   # The user's own setting wins (glibc applies it at start-up).
   assert _arenas('limit', MALLOC_ARENA_MAX='3') == ('False', 3)
+
+
+def test_limit_malloc_arenas_leaves_other_c_libraries_alone(monkeypatch):
+  monkeypatch.delenv('MALLOC_ARENA_MAX', raising=False)
+  monkeypatch.setattr(platform, 'libc_ver', lambda: ('musl', '1.2'))
+  assert host_memory.limit_malloc_arenas() is False
