@@ -15,28 +15,24 @@ BATCH_NORM_EPSILON = 1e-3
 GROUP_NORM_GROUPS = 32
 
 
-CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid')
+CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid', 'flat')
 # 'auto' on CPU picks per layer by the size of the depth-stacked input copy that 'depth2d' would
 # keep for the backward pass (depth taps x input bytes): 'depth2d' up to 64 MiB (the small maps,
-# where it is 1.3-9x faster than 'lax'), 'im2col' up to 1 GiB, 'hybrid' above (benchmarks/
-# conv_impl.py --experimental: at 64^3 x 128 filters 'depth2d' 5.66 s, 'lax' 5.02 s, 'im2col'
-# 3.69 s). 'depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper step at
-# 128^3 ('lax' 15.7 GiB); 'im2col' on its 128^3 x 64-filter level as well needs 1.6 GiB more
-# temporaries in the whole step than 'hybrid' (13.9 GiB; 20.0 GiB before the decoder's upsampled
-# convolutions, killed for lack of memory here), so that level is
-# 'hybrid': computed as 'im2col', but keeping only the input for the backward pass, whose input
-# gradient is the native transposed convolution and whose kernel gradient is im2col products
-# (XLA:CPU's kernel-gradient convolution makes transposed copies of the input and the cotangent).
-# At 128^3 x 64 -> 64 filters, forward+backward: 'lax' 16.5 s and 1536 MiB of temporaries,
-# 'im2col' 12.6 s and 1401 MiB, 'hybrid' 11.6 s and 753 MiB. Paper step at 96^3
-# (benchmarks/train_step.py): 43.0 s with these limits, 57.4 s with 'depth2d' everywhere.
+# where it is 1.3-9x faster than 'lax' and up to 1.4x faster than 'flat'), 'flat' above
+# (benchmarks/conv_impl.py --experimental, forward+backward: 128^3 x 64 -> 64 filters 'flat'
+# 6.5 s, 'hybrid' 12.8 s, 'im2col' 12.9 s, 'lax' 16.5 s; 64^3 x 128 -> 128: 2.2 s, 3.8 s, 3.9 s;
+# 32^3 x 256 -> 128: 'flat' 0.59 s, 'depth2d' 0.80 s). 'flat' keeps only the input for the
+# backward pass and copies one block of depth slices at a time, so its memory is that of the
+# native convolution ('depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper
+# step at 128^3). 'im2col' (rematerialised column matrices) and 'hybrid' ('im2col' forward,
+# native transposed convolution for the input gradient) were the large-map choices before
+# 'flat' and remain selectable.
 DEPTH2D_STACK_LIMIT_BYTES = 64 * 2**20
-IM2COL_STACK_LIMIT_BYTES = 2**30
 # 'im2col' builds the column matrix of this many bytes at most at a time (whole depth slices):
 # one slice of a 128^3 x 64-filter map is 113 MiB of columns.
 IM2COL_BLOCK_BYTES = 128 * 2**20
-# 'im2col' computes in float32 whatever the compute dtype: XLA:CPU has no fast bfloat16 path for
-# the column copies and their transpose (forward+backward at 48^3 x 128 filters, bfloat16 inputs:
+# 'im2col' and 'flat' compute in float32 whatever the compute dtype: XLA:CPU has no fast bfloat16
+# path for the column copies and their transpose (forward+backward at 48^3 x 128 filters, bfloat16 inputs:
 # 3.64 s computing in bfloat16, 1.51 s in float32 as for float32 inputs; benchmarks/results/
 # conv_impl_bfloat16.json). A product of two bfloat16 values is exact in float32, so the forward
 # pass is a bfloat16 product with float32 accumulation. The per-layer choices above are made on
@@ -45,16 +41,14 @@ IM2COL_DTYPE = jnp.float32
 
 
 def resolve_conv_impl(conv_impl, stacked_bytes=0):
-  """'auto' -> 'lax' (one native 3D convolution) on GPU/TPU; on CPU 'depth2d', 'im2col' or
-  'hybrid' by the layer's depth-stacked copy size `stacked_bytes` (DEPTH2D_STACK_LIMIT_BYTES)."""
+  """'auto' -> 'lax' (one native 3D convolution) on GPU/TPU; on CPU 'depth2d' or 'flat' by the
+  layer's depth-stacked copy size `stacked_bytes` (DEPTH2D_STACK_LIMIT_BYTES)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
   if conv_impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'lax'
-    if stacked_bytes > IM2COL_STACK_LIMIT_BYTES:
-      return 'hybrid'
-    return 'im2col' if stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES else 'depth2d'
+    return 'flat' if stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES else 'depth2d'
   return conv_impl
 
 
@@ -65,7 +59,7 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   folded into the input channels (a depth-shifted copy of the input per tap, concatenated) and
   the depth axis into the batch. 'im2col' computes it as matrix products, a few depth slices
   at a time (see `_im2col_conv`). 'hybrid' is 'im2col' differentiated with less memory
-  (`_hybrid_conv`).
+  (`_hybrid_conv`). 'flat' computes it as products on the flattened padded map (`_flat_conv`).
   """
   stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
   impl = resolve_conv_impl(conv_impl, stacked_bytes)
@@ -75,6 +69,8 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
     return _hybrid_conv(x, kernel, dilation, tuple(tuple(pair) for pair in padding))
   if impl == 'im2col':
     return _im2col_conv(x, kernel, dilation, padding)
+  if impl == 'flat':
+    return _flat_conv(x, kernel, dilation, tuple(tuple(pair) for pair in padding))
   batch, depth, height, width, channels = x.shape
   depth_taps = kernel.shape[0]
   padded = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
@@ -145,6 +141,136 @@ def _im2col_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   total, _ = jax.lax.scan(add_block, jnp.zeros((rows, out_features), IM2COL_DTYPE),
                           jnp.arange(out_depth // block))
   return total.reshape(kernel_shape)
+
+
+# 'flat' computes this many bytes of one block's partial products at most (whole output depth
+# slices): small enough to stay in the 32 MiB L3 cache (one slice at 64^3 x 64 filters: 10 MiB).
+FLAT_BLOCK_BYTES = 24 * 2**20
+
+
+class _FlatGeometry:
+  """Where `_flat_conv` reads: a block of depth slices of the input, padded and flattened to
+  rows (depth, height, width), in which every kernel tap is a constant row offset."""
+
+  def __init__(self, in_shape, kernel_shape, dilation, padding):
+    batch, depth, height, width, _ = in_shape
+    self.padding = padding
+    self.out_shape = [size + lo + hi - (k - 1) * dilation
+                      for size, (lo, hi), k in zip((depth, height, width), padding, kernel_shape)]
+    self.grid_height = height + sum(padding[1])
+    self.grid_width = width + sum(padding[2])
+    self.plane = self.grid_height * self.grid_width
+    # In-plane taps (h, w) as row offsets, in the kernel's (h, w) order; depth taps whole planes.
+    self.in_plane_offsets = [b * dilation * self.grid_width + c * dilation
+                             for b in range(kernel_shape[1]) for c in range(kernel_shape[2])]
+    self.depth_offsets = [a * dilation * self.plane for a in range(kernel_shape[0])]
+    self.tail = self.in_plane_offsets[-1]
+    # Whole planes of zeros after a block's slab so that its rows plus the in-plane tail exist.
+    self.tail_planes = -(-self.tail // self.plane)
+    product_bytes = batch * self.plane * len(self.in_plane_offsets) * kernel_shape[4] * 4
+    self.block = max(b for b in range(1, self.out_shape[0] + 1)
+                     if self.out_shape[0] % b == 0 and (b == 1 or b * product_bytes
+                                                        <= FLAT_BLOCK_BYTES))
+    self.block_rows = self.block * self.plane
+    self.length = self.block_rows + self.tail  # rows of one block's column matrix
+    self.halo = (kernel_shape[0] - 1) * dilation
+
+  def slab(self, x, first, count, in_plane_padding):
+    """Depth slices first .. first + count - 1 of x (zeros outside it), padded in-plane,
+    flattened to (batch, rows, channels), in IM2COL_DTYPE. Only this block is copied."""
+    depths = first + jnp.arange(count)
+    inside = (depths >= 0) & (depths < x.shape[1])
+    slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
+    slab = jnp.where(inside[None, :, None, None, None], slab, 0)
+    slab = jnp.pad(slab, ((0, 0), (0, 0), *in_plane_padding, (0, 0)))
+    return slab.reshape(x.shape[0], -1, x.shape[-1])
+
+  def columns(self, x, index):
+    """The block's depth taps side by side: (batch, length, kd * channels)."""
+    slab = self.slab(x, index * self.block - self.padding[0][0],
+                     self.block + self.halo + self.tail_planes, self.padding[1:])
+    return jnp.concatenate([slab[:, offset:offset + self.length] for offset in self.depth_offsets],
+                           axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _flat_conv(x, kernel, dilation, padding):
+  """The convolution as matrix products on the padded input flattened to rows.
+
+  There every tap is a row offset: a block's column matrix holds only the depth taps (kd x the
+  input, not the kh x kw x kd of 'im2col'); its product with the kernel arranged (kd, in) x
+  (kh, kw, out) gives every in-plane tap's partial output, which are summed at their row
+  offsets. The output is computed on the padded plane and cropped. Each block copies only its
+  own depth slices, so there is no padded copy of the whole input. Computed in IM2COL_DTYPE.
+  Backward: the input gradient is the same computation on the cotangent (flipped kernel), the
+  kernel gradient `_flat_kernel_gradient`; residuals are the input and the kernel only.
+  """
+  return _flat_conv_forward(x, kernel, dilation, padding)[0]
+
+
+def _flat_conv_output(x, kernel, dilation, padding):
+  geometry = _FlatGeometry(x.shape, kernel.shape, dilation, padding)
+  kd, kh, kw, channels, features = kernel.shape
+  matrix = jnp.transpose(kernel.astype(IM2COL_DTYPE), (0, 3, 1, 2, 4)).reshape(
+      kd * channels, kh * kw * features)
+  out_height, out_width = geometry.out_shape[1:]
+
+  def block_output(index):
+    products = jnp.dot(geometry.columns(x, index), matrix, preferred_element_type=jnp.float32)
+    products = products.reshape(x.shape[0], geometry.length, kh * kw, features)
+    total = sum(products[:, offset:offset + geometry.block_rows, tap]
+                for tap, offset in enumerate(geometry.in_plane_offsets))
+    return total.reshape(x.shape[0], geometry.block, geometry.grid_height, geometry.grid_width,
+                         features)[:, :, :out_height, :out_width]
+
+  return _map_depth_blocks(block_output, geometry.out_shape[0] // geometry.block).astype(x.dtype)
+
+
+def _flat_conv_forward(x, kernel, dilation, padding):
+  return _flat_conv_output(x, kernel, dilation, padding), (x, kernel)
+
+
+def _flat_conv_backward(dilation, padding, residuals, cotangent):
+  x, kernel = residuals
+  # The transposed convolution: flipped taps, input and output channels swapped.
+  flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
+  transposed_padding = tuple(((k - 1) * dilation - lo, (k - 1) * dilation - hi)
+                             for (lo, hi), k in zip(padding, kernel.shape[:3]))
+  x_gradient = _flat_conv_output(cotangent, flipped, dilation, transposed_padding)
+  kernel_gradient = _flat_kernel_gradient(x, cotangent, kernel.shape, dilation, padding)
+  return x_gradient.astype(x.dtype), kernel_gradient.astype(kernel.dtype)
+
+
+_flat_conv.defvjp(_flat_conv_forward, _flat_conv_backward)
+
+
+def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
+  """d(loss)/d(kernel) of `_flat_conv`: per block, the forward's column matrix (transposed)
+  times the cotangent placed on the padded plane at each in-plane tap's row offset, summed
+  over blocks in IM2COL_DTYPE."""
+  geometry = _FlatGeometry(x.shape, kernel_shape, dilation, padding)
+  kd, kh, kw, channels, features = kernel_shape
+  out_height, out_width = geometry.out_shape[1:]
+  # The block's cotangent on the padded plane (zeros where the forward pass cropped), between
+  # whole planes of zeros so that a tap's row offset can be subtracted: only this block's
+  # output rows may count (the columns' tail rows are the next block's).
+  before = geometry.tail_planes * geometry.plane
+  placement = ((0, 0), (geometry.tail_planes,) * 2, (0, geometry.grid_height - out_height),
+               (0, geometry.grid_width - out_width), (0, 0))
+
+  def add_block(total, index):
+    placed = jnp.pad(jax.lax.dynamic_slice_in_dim(cotangent, index * geometry.block,
+                                                  geometry.block, 1).astype(IM2COL_DTYPE),
+                     placement).reshape(x.shape[0], -1, features)
+    shifted = jnp.concatenate([placed[:, before - offset:before - offset + geometry.length]
+                               for offset in geometry.in_plane_offsets], axis=-1)
+    columns = geometry.columns(x, index)
+    return total + jnp.dot(columns.reshape(-1, kd * channels).T,
+                           shifted.reshape(-1, kh * kw * features)), None
+
+  total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
+                          jnp.arange(geometry.out_shape[0] // geometry.block))
+  return jnp.transpose(total.reshape(kd, channels, kh, kw, features), (0, 2, 3, 1, 4))
 
 
 def tap_offsets(kernel_shape, dilation):
@@ -254,7 +380,7 @@ def _upsampled_conv(x, kernel, conv_impl):
   if kernel.shape[:3] != (3, 3, 3):
     raise ValueError(f'upsampled convolution needs a 1 or 3 kernel, got {kernel.shape[:3]}')
   impl = resolve_conv_impl(conv_impl, 2 * x.size * jnp.dtype(IM2COL_DTYPE).itemsize)
-  # Tap sums in float32 at least, rounded once to the compute dtype (not at all for 'im2col').
+  # Tap sums in float32 at least, rounded once to the compute dtype (not at all for 'im2col' and 'flat').
   wide = kernel.astype(jnp.promote_types(kernel.dtype, IM2COL_DTYPE))
   phase_kernels = []
   for phase in PHASES:
@@ -266,6 +392,14 @@ def _upsampled_conv(x, kernel, conv_impl):
     phase_kernels.append(phase_kernel)
   if impl == 'im2col':
     return _upsampled_im2col_conv(x, phase_kernels)
+  if impl == 'flat':
+    # In IM2COL_DTYPE throughout, rounded once at the end (and the 8 phases' input gradients
+    # summed before their one rounding).
+    wide_x = x.astype(IM2COL_DTYPE)  # one cast: its transpose rounds the summed gradient
+    phases = [conv3d_same(wide_x, phase_kernel, 1,
+                          [(0, 1) if odd else (1, 0) for odd in phase], impl)
+              for phase, phase_kernel in zip(PHASES, phase_kernels)]
+    return _interleave_phases(jnp.stack(phases)).astype(x.dtype)
   phases = [conv3d_same(x, phase_kernel.astype(kernel.dtype), 1,
                         [(0, 1) if odd else (1, 0) for odd in phase], impl)
             for phase, phase_kernel in zip(PHASES, phase_kernels)]

@@ -51,7 +51,7 @@ def tap_sum_conv(x, kernel, dilation, padding):
 
 def _formulations():
   formulations = {impl: functools.partial(layers.conv3d_same, conv_impl=impl)
-                  for impl in ('lax', 'depth2d', 'im2col', 'hybrid')}
+                  for impl in layers.CONV_IMPLS if impl != 'auto'}
   if FLAGS.experimental:
     formulations['tap_sum'] = tap_sum_conv
   if FLAGS.impls:

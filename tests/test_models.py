@@ -211,7 +211,7 @@ def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
       dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
 
 
-@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid'])
+@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid', 'flat'])
 @pytest.mark.parametrize('seed', range(6))
 def test_gradients_equal_lax_on_random_shapes(seed, conv_impl):
   rng = np.random.default_rng(seed)
@@ -234,7 +234,7 @@ def test_gradients_equal_lax_on_random_shapes(seed, conv_impl):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid'])
+@pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid', 'flat'])
 def test_bfloat16_matches_float32_reference(conv_impl):
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 8)), jnp.bfloat16)
@@ -246,8 +246,9 @@ def test_bfloat16_matches_float32_reference(conv_impl):
   np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize('conv_impl', ['im2col', 'flat'])
 @pytest.mark.parametrize('upsampled', [False, True])
-def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled):
+def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled, conv_impl):
   # Values and all gradients: summing the column gradients in bfloat16 instead (as the column
   # copies' transpose does in the input dtype) is off by up to 280% on small entries.
   rng = np.random.default_rng(0)
@@ -258,13 +259,13 @@ def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled):
 
   def conv(impl, x, kernel):
     if upsampled:
-      if impl == 'im2col':
-        return layers._upsampled_conv(x, kernel, 'im2col')  # pylint: disable=protected-access
+      if impl != 'lax':
+        return layers._upsampled_conv(x, kernel, impl)  # pylint: disable=protected-access
       x = layers.upsample_nearest(x)
     return _reference_conv(x, kernel, 1) if impl == 'lax' else layers.conv3d_same(
         x, kernel, 1, [(1, 1)] * 3, impl)
 
-  got, vjp = jax.vjp(functools.partial(conv, 'im2col'), x, kernel)
+  got, vjp = jax.vjp(functools.partial(conv, conv_impl), x, kernel)
   wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
   expected, expected_vjp = jax.vjp(functools.partial(conv, 'lax'), *wide[:2])
   for name, value, reference in zip(('value', 'input gradient', 'kernel gradient'),
@@ -279,7 +280,7 @@ def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled):
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
-  for conv_impl in ('lax', 'depth2d', 'im2col', 'hybrid'):
+  for conv_impl in ('lax', 'depth2d', 'im2col', 'hybrid', 'flat'):
     model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2,
                    aspp_rates=(1, 2, 3), conv_impl=conv_impl)
     variables = _jit_init(model)(KEY, x, train=False)
@@ -290,13 +291,11 @@ def test_model_output_is_the_same_with_every_conv_impl():
 
 def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
   assert layers.resolve_conv_impl('auto') == 'depth2d'  # the tests run on CPU
-  depth2d_limit, im2col_limit = layers.DEPTH2D_STACK_LIMIT_BYTES, layers.IM2COL_STACK_LIMIT_BYTES
+  depth2d_limit = layers.DEPTH2D_STACK_LIMIT_BYTES
   assert layers.resolve_conv_impl('auto', depth2d_limit) == 'depth2d'
-  assert layers.resolve_conv_impl('auto', depth2d_limit + 1) == 'im2col'
-  assert layers.resolve_conv_impl('auto', im2col_limit) == 'im2col'
-  # The native convolution, its kernel gradient as matrix products: the least memory.
-  assert layers.resolve_conv_impl('auto', im2col_limit + 1) == 'hybrid'
-  assert layers.resolve_conv_impl('depth2d', im2col_limit + 1) == 'depth2d'
+  assert layers.resolve_conv_impl('auto', depth2d_limit + 1) == 'flat'
+  assert layers.resolve_conv_impl('auto', 100 * depth2d_limit) == 'flat'
+  assert layers.resolve_conv_impl('depth2d', 100 * depth2d_limit) == 'depth2d'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_impl('auto') == 'lax'
   assert layers.resolve_conv_impl('depth2d') == 'depth2d'
@@ -328,14 +327,17 @@ def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
   def conv(x, kernel):
     return layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'auto')
 
+  flat_calls = []
+  flat_conv = layers._flat_conv  # pylint: disable=protected-access
+  monkeypatch.setattr(layers, '_flat_conv', lambda *args: flat_calls.append(1) or flat_conv(*args))
+  gradient = jax.grad(lambda x, k: jnp.sum(conv(x, k)), (0, 1))
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == [2]  # one 2D convolution
+  assert not flat_calls
   monkeypatch.setattr(layers, 'DEPTH2D_STACK_LIMIT_BYTES', 3 * x.nbytes - 1)
-  assert _spatial_ranks_of_convolutions(conv, x, kernel) == []  # im2col: matrix products
-  monkeypatch.setattr(layers, 'IM2COL_STACK_LIMIT_BYTES', 3 * x.nbytes - 1)
-  # 'hybrid': matrix products, but the input gradient is the native transposed 3D convolution.
+  # 'flat': matrix products only, forward and backward.
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == []
-  assert _spatial_ranks_of_convolutions(jax.grad(lambda x, k: jnp.sum(conv(x, k)), (0, 1)), x,
-                                        kernel) == [3]
+  assert _spatial_ranks_of_convolutions(gradient, x, kernel) == []
+  assert len(flat_calls) == 2
 
 
 def test_live_taps():
@@ -464,7 +466,7 @@ def test_bn_momentum_sets_the_running_average_update(momentum):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('conv_impl', ['im2col', 'hybrid'])
+@pytest.mark.parametrize('conv_impl', ['im2col', 'hybrid', 'flat'])
 @pytest.mark.parametrize('block_bytes', [1, 10**9])  # one depth slice per block / all at once
 def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_impl):
   rng = np.random.default_rng(5)
@@ -473,6 +475,7 @@ def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_
   padding = [(2, 1), (0, 0), (2, 2)]  # asymmetric in depth: blocks at both ends differ
   cotangent = jnp.asarray(rng.standard_normal((2, 5, 5, 4, 4)), jnp.float32)
   monkeypatch.setattr(layers, 'IM2COL_BLOCK_BYTES', block_bytes)
+  monkeypatch.setattr(layers, 'FLAT_BLOCK_BYTES', block_bytes)
 
   def loss(conv_impl, x, kernel):
     if conv_impl == 'lax':
