@@ -32,11 +32,11 @@ DEPTH2D_STACK_LIMIT_BYTES = 64 * 2**20
 # one slice of a 128^3 x 64-filter map is 113 MiB of columns.
 IM2COL_BLOCK_BYTES = 128 * 2**20
 # 'im2col' and 'flat' compute in float32 whatever the compute dtype: XLA:CPU has no fast bfloat16
-# path for the column copies and their transpose (forward+backward at 48^3 x 128 filters,
-# bfloat16 inputs: 3.64 s computing in bfloat16, 1.51 s in float32 as for float32 inputs;
-# benchmarks/results/conv_impl_bfloat16.json). A product of two bfloat16 values is exact in float32, so the forward
-# pass is a bfloat16 product with float32 accumulation. The per-layer choices above are made on
-# float32 sizes, for either dtype.
+# path for the column copies and their transpose (forward+backward at 48^3 x 128 filters, bfloat16
+# inputs: 3.64 s computing in bfloat16, 1.51 s in float32 as for float32 inputs;
+# benchmarks/results/conv_impl_bfloat16.json). A product of two bfloat16 values is exact in
+# float32, so the forward pass is a bfloat16 product with float32 accumulation. The per-layer
+# choices above are made on float32 sizes, for either dtype.
 IM2COL_DTYPE = jnp.float32
 
 
