@@ -17,17 +17,18 @@ GROUP_NORM_GROUPS = 32
 
 CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid', 'flat')
 # 'auto' on CPU picks per layer by the size of the depth-stacked input copy that 'depth2d' would
-# keep for the backward pass (depth taps x input bytes): 'depth2d' up to 64 MiB (the small maps,
-# where it is 1.3-9x faster than 'lax' and up to 1.4x faster than 'flat'), 'flat' above
-# (benchmarks/conv_impl.py --experimental, forward+backward: 128^3 x 64 -> 64 filters 'flat'
-# 6.5 s, 'hybrid' 12.8 s, 'im2col' 12.9 s, 'lax' 16.5 s; 64^3 x 128 -> 128: 2.2 s, 3.8 s, 3.9 s;
-# 32^3 x 256 -> 128: 'flat' 0.59 s, 'depth2d' 0.80 s). 'flat' keeps only the input for the
-# backward pass and copies one block of depth slices at a time, so its memory is that of the
-# native convolution ('depth2d' everywhere would need 24.3 GiB of XLA temporaries for the paper
-# step at 128^3). 'im2col' (rematerialised column matrices) and 'hybrid' ('im2col' forward,
-# native transposed convolution for the input gradient) were the large-map choices before
-# 'flat' and remain selectable.
-DEPTH2D_STACK_LIMIT_BYTES = 64 * 2**20
+# keep for the backward pass (depth taps x input bytes): 'depth2d' up to 32 MiB (the small maps,
+# where it is 1.3-9x faster than 'lax' and up to 1.8x faster than 'flat': 24^3 x 32 -> 32
+# filters 15 vs 27 ms, 16^3 x 256 -> 256 0.15 vs 0.18 s), 'flat' above (benchmarks/conv_impl.py
+# --experimental, forward+backward: 128^3 x 64 -> 64 filters 'flat' 6.5 s, 'hybrid' 12.8 s,
+# 'im2col' 12.9 s, 'lax' 16.5 s; 64^3 x 128 -> 128: 2.2 s, 3.8 s, 3.9 s; 32^3 x 128 -> 128
+# (48 MiB stacked): 'flat' 0.30 s, 'depth2d' 0.42 s; 24^3 x 256 -> 256 (41 MiB): 0.50 vs 0.60 s).
+# 'flat' keeps only the input for the backward pass and copies one block of depth slices at a
+# time, so its memory is that of the native convolution ('depth2d' everywhere would need 24.3 GiB
+# of XLA temporaries for the paper step at 128^3). 'im2col' (rematerialised column matrices) and
+# 'hybrid' ('im2col' forward, native transposed convolution for the input gradient) were the
+# large-map choices before 'flat' and remain selectable.
+DEPTH2D_STACK_LIMIT_BYTES = 32 * 2**20
 # 'im2col' builds the column matrix of this many bytes at most at a time (whole depth slices):
 # one slice of a 128^3 x 64-filter map is 113 MiB of columns.
 IM2COL_BLOCK_BYTES = 128 * 2**20
@@ -189,8 +190,19 @@ class _FlatGeometry:
     """The block's depth taps side by side: (batch, length, kd * channels)."""
     slab = self.slab(x, index * self.block - self.padding[0][0],
                      self.block + self.halo + self.tail_planes, self.padding[1:])
-    return jnp.concatenate([slab[:, offset:offset + self.length] for offset in self.depth_offsets],
-                           axis=-1)
+    return _join_channels([slab[:, offset:offset + self.length] for offset in self.depth_offsets])
+
+
+def _join_channels(parts):
+  """jnp.concatenate(parts, axis=-1) as a sum of zero-padded parts: XLA:CPU fuses that into one
+  pass that reads the parts where they lie, while its concatenate first copies each sliced part
+  (128^3 x 64 -> 64 'flat' forward+backward 1.96 -> 1.85 s)."""
+  width = sum(part.shape[-1] for part in parts)
+  joined, start = 0, 0
+  for part in parts:
+    padding = [(0, 0)] * (part.ndim - 1) + [(start, width - start - part.shape[-1])]
+    joined, start = joined + jnp.pad(part, padding), start + part.shape[-1]
+  return joined
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -262,8 +274,8 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
     placed = jnp.pad(jax.lax.dynamic_slice_in_dim(cotangent, index * geometry.block,
                                                   geometry.block, 1).astype(IM2COL_DTYPE),
                      placement).reshape(x.shape[0], -1, features)
-    shifted = jnp.concatenate([placed[:, before - offset:before - offset + geometry.length]
-                               for offset in geometry.in_plane_offsets], axis=-1)
+    shifted = _join_channels([placed[:, before - offset:before - offset + geometry.length]
+                              for offset in geometry.in_plane_offsets])
     columns = geometry.columns(x, index)
     return total + jnp.dot(columns.reshape(-1, kd * channels).T,
                            shifted.reshape(-1, kh * kw * features)), None
