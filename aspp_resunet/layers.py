@@ -196,7 +196,7 @@ class _FlatGeometry:
 def _join_channels(parts):
   """jnp.concatenate(parts, axis=-1) as a sum of zero-padded parts: XLA:CPU fuses that into one
   pass that reads the parts where they lie, while its concatenate first copies each sliced part
-  (128^3 x 64 -> 64 'flat' forward+backward 1.96 -> 1.85 s)."""
+  (96^3 x 64 -> 64 'flat' forward+backward 1.72 -> 1.62 s, 48^3 x 128 -> 128 0.70 -> 0.67 s)."""
   width = sum(part.shape[-1] for part in parts)
   joined, start = 0, 0
   for part in parts:
