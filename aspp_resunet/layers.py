@@ -20,8 +20,8 @@ CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid', 'flat')
 # keep for the backward pass (depth taps x input bytes): 'depth2d' up to 32 MiB (the small maps,
 # where it is 1.3-9x faster than 'lax' and up to 1.8x faster than 'flat': 24^3 x 32 -> 32
 # filters 15 vs 27 ms, 16^3 x 256 -> 256 0.15 vs 0.18 s), 'flat' above (benchmarks/conv_impl.py
-# --experimental, forward+backward: 128^3 x 64 -> 64 filters 'flat' 6.5 s, 'hybrid' 12.8 s,
-# 'im2col' 12.9 s, 'lax' 16.5 s; 64^3 x 128 -> 128: 2.2 s, 3.8 s, 3.9 s; 32^3 x 128 -> 128
+# --experimental, forward+backward: 128^3 x 64 -> 64 filters 'flat' 6.2 s, 'hybrid' 12.0 s,
+# 'im2col' 12.9 s, 'lax' 16.5 s; 64^3 x 128 -> 128: 2.3 s, 3.8 s, 3.6 s; 32^3 x 128 -> 128
 # (48 MiB stacked): 'flat' 0.30 s, 'depth2d' 0.42 s; 24^3 x 256 -> 256 (41 MiB): 0.50 vs 0.60 s).
 # 'flat' keeps only the input for the backward pass and copies one block of depth slices at a
 # time, so its memory is that of the native convolution ('depth2d' everywhere would need 24.3 GiB
