@@ -583,3 +583,14 @@ def test_batch_norm_gradient_does_not_store_the_centred_input():
   ours = temporaries(layers.BatchNorm(use_running_average=False))
   theirs = temporaries(_flax_batch_norm(True, jnp.float32))
   assert ours <= theirs - map_bytes, (ours / map_bytes, theirs / map_bytes)
+
+
+def test_join_channels_equals_concatenate():
+  rng = np.random.default_rng(7)
+  parts = [jnp.asarray(rng.standard_normal((2, 5, width)), jnp.float32) for width in (3, 1, 4)]
+  joined = layers._join_channels(parts)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(joined, jnp.concatenate(parts, axis=-1))
+  # Its gradient hands each part its own columns.
+  weights = jnp.asarray(rng.standard_normal(joined.shape), jnp.float32)
+  gradients = jax.grad(lambda ps: jnp.sum(layers._join_channels(ps) * weights))(parts)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(jnp.concatenate(gradients, axis=-1), weights)
