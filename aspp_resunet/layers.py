@@ -64,14 +64,15 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   """
   stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
   impl = resolve_conv_impl(conv_impl, stacked_bytes)
+  padding = tuple(tuple(pair) for pair in padding)  # hashable: a custom VJP's static argument
   if impl == 'lax':
     return _native_conv(x, kernel, dilation, padding)
   if impl == 'hybrid':
-    return _hybrid_conv(x, kernel, dilation, tuple(tuple(pair) for pair in padding))
+    return _hybrid_conv(x, kernel, dilation, padding)
   if impl == 'im2col':
     return _im2col_conv(x, kernel, dilation, padding)
   if impl == 'flat':
-    return _flat_conv(x, kernel, dilation, tuple(tuple(pair) for pair in padding))
+    return _flat_conv(x, kernel, dilation, padding)
   batch, depth, height, width, channels = x.shape
   depth_taps = kernel.shape[0]
   padded = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
@@ -128,12 +129,7 @@ def _im2col_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   offsets = tap_offsets(kernel_shape, dilation)
 
   def add_block(total, index):
-    # The block's input depth slices, zeros where they fall in the depth padding.
-    depths = index * block - padding[0][0] + jnp.arange(block + halo)
-    inside = (depths >= 0) & (depths < x.shape[1])
-    slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
-    slab = jnp.where(inside[None, :, None, None, None], slab, 0)
-    slab = jnp.pad(slab, ((0, 0), (0, 0), *padding[1:], (0, 0)))
+    slab = _depth_slab(x, index * block - padding[0][0], block + halo, padding[1:])
     columns = jnp.concatenate(_tap_views(slab, offsets, (block, out_height, out_width)), axis=-1)
     outputs = jax.lax.dynamic_slice_in_dim(cotangent, index * block, block, axis=1)
     return total + jnp.dot(columns.reshape(-1, rows).T,
@@ -169,27 +165,16 @@ class _FlatGeometry:
     # Whole planes of zeros after a block's slab so that its rows plus the in-plane tail exist.
     self.tail_planes = -(-self.tail // self.plane)
     product_bytes = batch * self.plane * len(self.in_plane_offsets) * kernel_shape[4] * 4
-    self.block = max(b for b in range(1, self.out_shape[0] + 1)
-                     if self.out_shape[0] % b == 0 and (b == 1 or b * product_bytes
-                                                        <= FLAT_BLOCK_BYTES))
+    self.block = _slices_per_block(self.out_shape[0], product_bytes, FLAT_BLOCK_BYTES)
     self.block_rows = self.block * self.plane
     self.length = self.block_rows + self.tail  # rows of one block's column matrix
     self.halo = (kernel_shape[0] - 1) * dilation
 
-  def slab(self, x, first, count, in_plane_padding):
-    """Depth slices first .. first + count - 1 of x (zeros outside it), padded in-plane,
-    flattened to (batch, rows, channels), in IM2COL_DTYPE. Only this block is copied."""
-    depths = first + jnp.arange(count)
-    inside = (depths >= 0) & (depths < x.shape[1])
-    slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
-    slab = jnp.where(inside[None, :, None, None, None], slab, 0)
-    slab = jnp.pad(slab, ((0, 0), (0, 0), *in_plane_padding, (0, 0)))
-    return slab.reshape(x.shape[0], -1, x.shape[-1])
-
   def columns(self, x, index):
     """The block's depth taps side by side: (batch, length, kd * channels)."""
-    slab = self.slab(x, index * self.block - self.padding[0][0],
-                     self.block + self.halo + self.tail_planes, self.padding[1:])
+    slab = _depth_slab(x, index * self.block - self.padding[0][0],
+                       self.block + self.halo + self.tail_planes, self.padding[1:])
+    slab = slab.reshape(x.shape[0], -1, x.shape[-1])
     return _join_channels([slab[:, offset:offset + self.length] for offset in self.depth_offsets])
 
 
@@ -217,7 +202,7 @@ def _flat_conv(x, kernel, dilation, padding):
   Backward: the input gradient is the same computation on the cotangent (flipped kernel), the
   kernel gradient `_flat_kernel_gradient`; residuals are the input and the kernel only.
   """
-  return _flat_conv_forward(x, kernel, dilation, padding)[0]
+  return _flat_conv_output(x, kernel, dilation, padding)
 
 
 def _flat_conv_output(x, kernel, dilation, padding):
@@ -285,6 +270,16 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   return jnp.transpose(total.reshape(kd, channels, kh, kw, features), (0, 2, 3, 1, 4))
 
 
+def _depth_slab(x, first, count, in_plane_padding):
+  """Depth slices first .. first + count - 1 of x, zeros where they fall outside it (the depth
+  padding), padded in-plane, in IM2COL_DTYPE: one block's input, without a padded copy of x."""
+  depths = first + jnp.arange(count)
+  inside = (depths >= 0) & (depths < x.shape[1])
+  slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
+  slab = jnp.where(inside[None, :, None, None, None], slab, 0)
+  return jnp.pad(slab, ((0, 0), (0, 0), *in_plane_padding, (0, 0)))
+
+
 def tap_offsets(kernel_shape, dilation):
   """Offsets into the padded input read by each kernel tap, in the kernel's (d, h, w) order."""
   return [(a * dilation, b * dilation, c * dilation) for a in range(kernel_shape[0])
@@ -318,11 +313,17 @@ def _im2col_conv(x, kernel, dilation, padding):
 
 
 def _depth_block(batch, out_shape, columns):
-  """Output depth slices per im2col block: the most that divide the depth and keep one block's
-  column matrix (`columns` wide, IM2COL_DTYPE) within IM2COL_BLOCK_BYTES (at least one)."""
+  """Output depth slices per im2col block: keeps one block's column matrix (`columns` wide,
+  IM2COL_DTYPE) within IM2COL_BLOCK_BYTES."""
   slice_bytes = batch * out_shape[1] * out_shape[2] * columns * jnp.dtype(IM2COL_DTYPE).itemsize
-  return max(b for b in range(1, out_shape[0] + 1)
-             if out_shape[0] % b == 0 and (b == 1 or b * slice_bytes <= IM2COL_BLOCK_BYTES))
+  return _slices_per_block(out_shape[0], slice_bytes, IM2COL_BLOCK_BYTES)
+
+
+def _slices_per_block(depth, slice_bytes, limit_bytes):
+  """The most depth slices that divide `depth` and keep a block within `limit_bytes` (at
+  least one)."""
+  return max(b for b in range(1, depth + 1)
+             if depth % b == 0 and (b == 1 or b * slice_bytes <= limit_bytes))
 
 
 def _tap_views(slab, offsets, shape):
@@ -406,17 +407,15 @@ def _upsampled_conv(x, kernel, conv_impl):
   if impl == 'im2col':
     return _upsampled_im2col_conv(x, phase_kernels)
   if impl == 'flat':
-    # In IM2COL_DTYPE throughout, rounded once at the end (and the 8 phases' input gradients
-    # summed before their one rounding).
-    wide_x = x.astype(IM2COL_DTYPE)  # one cast: its transpose rounds the summed gradient
-    phases = [conv3d_same(wide_x, phase_kernel, 1,
-                          [(0, 1) if odd else (1, 0) for odd in phase], impl)
-              for phase, phase_kernel in zip(PHASES, phase_kernels)]
-    return _interleave_phases(jnp.stack(phases)).astype(x.dtype)
-  phases = [conv3d_same(x, phase_kernel.astype(kernel.dtype), 1,
+    # In IM2COL_DTYPE throughout, rounded once at the end; one cast of x, whose transpose
+    # rounds the 8 phases' summed input gradient once.
+    phase_input, phase_dtype = x.astype(IM2COL_DTYPE), IM2COL_DTYPE
+  else:
+    phase_input, phase_dtype = x, kernel.dtype
+  phases = [conv3d_same(phase_input, phase_kernel.astype(phase_dtype), 1,
                         [(0, 1) if odd else (1, 0) for odd in phase], impl)
             for phase, phase_kernel in zip(PHASES, phase_kernels)]
-  return _interleave_phases(jnp.stack(phases))
+  return _interleave_phases(jnp.stack(phases)).astype(x.dtype)
 
 
 PHASES = tuple(np.ndindex(2, 2, 2))  # (x, y, z) parity of an upsampled output voxel
