@@ -248,7 +248,8 @@ def test_bfloat16_matches_float32_reference(conv_impl):
 
 @pytest.mark.parametrize('conv_impl', ['im2col', 'flat'])
 @pytest.mark.parametrize('upsampled', [False, True])
-def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled, conv_impl):
+def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(upsampled,
+                                                                            conv_impl):
   # Values and all gradients: summing the column gradients in bfloat16 instead (as the column
   # copies' transpose does in the input dtype) is off by up to 280% on small entries.
   rng = np.random.default_rng(0)
@@ -280,7 +281,7 @@ def test_im2col_in_bfloat16_is_the_float32_computation_rounded_once(upsampled, c
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
-  for conv_impl in ('lax', 'depth2d', 'im2col', 'hybrid', 'flat'):
+  for conv_impl in [impl for impl in layers.CONV_IMPLS if impl != 'auto']:
     model = _model(base_width=4, bridge_width=32, aspp_features=8, depth=2,
                    aspp_rates=(1, 2, 3), conv_impl=conv_impl)
     variables = _jit_init(model)(KEY, x, train=False)
