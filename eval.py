@@ -1,5 +1,10 @@
 """Evaluate a trained workdir (SPEC 5 outputs); with --compare_workdir, the paired test."""
 
+from aspp_resunet import host_memory
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # first: a restart repeats what ran before it
+
 import os
 import sys
 
@@ -11,7 +16,6 @@ from ml_collections import config_flags
 from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import eval_lib
-from aspp_resunet import host_memory
 from aspp_resunet import labels
 from aspp_resunet import stats
 from aspp_resunet import train_lib

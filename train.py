@@ -1,5 +1,10 @@
 """Train: python train.py --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE ...]."""
 
+from aspp_resunet import host_memory
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # first: a restart repeats what ran before it
+
 import sys
 
 from absl import app
@@ -9,7 +14,6 @@ from ml_collections import config_flags
 
 from aspp_resunet import cli
 from aspp_resunet import distributed
-from aspp_resunet import host_memory
 from aspp_resunet import train_lib
 from data_pipelines import brats
 from data_pipelines import tfds_brats

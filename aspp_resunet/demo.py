@@ -1,5 +1,10 @@
 """The main job: synthetic cohort -> TFDS -> train baseline and ASPP -> evaluate -> report."""
 
+from aspp_resunet import host_memory
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # first: a restart repeats what ran before it
+
 import os
 import shutil
 import sys
@@ -11,7 +16,6 @@ from absl import logging
 
 from aspp_resunet import checkpointing
 from aspp_resunet import eval_lib
-from aspp_resunet import host_memory
 from aspp_resunet import labels
 from aspp_resunet import train_lib
 from configs import demo as demo_config

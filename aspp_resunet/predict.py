@@ -1,5 +1,10 @@
 """Segment new patients: writes OUT/<case>.nii.gz in the original geometry."""
 
+from aspp_resunet import host_memory
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # first: a restart repeats what ran before it
+
 import os
 import sys
 import time
@@ -14,7 +19,6 @@ import numpy as np
 from aspp_resunet import cli
 from aspp_resunet import distributed
 from aspp_resunet import eval_lib
-from aspp_resunet import host_memory
 from aspp_resunet import labels
 from data_pipelines import brats
 from data_pipelines import preprocess

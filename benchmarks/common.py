@@ -48,6 +48,8 @@ def write_result(path, figures):
       'cpu_model': _cpu_model(),
       'cpu_count': os.cpu_count(),
       'versions': _versions(),
+      # glibc.malloc.hugetlb=1 there: see host_memory.restart_with_huge_pages
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       **figures,
   }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -14,13 +14,18 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import host_memory  # noqa: E402
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # before the heavy imports, as the programs
+
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aspp_resunet import layers  # noqa: E402
 from benchmarks import common  # noqa: E402
 

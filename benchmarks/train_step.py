@@ -5,6 +5,12 @@ import resource
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import host_memory  # noqa: E402
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # before the heavy imports, as the programs
+
 from absl import app
 from absl import flags
 import jax
@@ -12,8 +18,6 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aspp_resunet import host_memory
 from aspp_resunet import labels  # noqa: E402
 from aspp_resunet import models  # noqa: E402
 from aspp_resunet import staged_step  # noqa: E402

@@ -1,10 +1,16 @@
-"""Training step: ours (JAX) vs the PyTorch reference, same shapes, alternating in one process.
+"""Training step: ours (JAX) vs the PyTorch reference, same shapes, alternating steps.
 
 python benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=float32
 Prints and writes benchmarks/results/train_step_vs_torch_<config>_<size>_<dtype>.json: median
 step times and their ratio (`step_time_ratio_vs_torch`, ours / theirs), achieved FLOP/s from
 XLA's cost analysis, a GEMM peak measured in the same run, and peak memory (XLA's memory
-analysis, and the max RSS of a separate process per framework running the same steps).
+analysis, and each framework's max RSS).
+
+By default each framework runs in its own worker process, the steps alternating between them
+(`--isolation=process`): in one process each slows the other (at 64^3, paper widths, our step
+5.5-5.8 s alone and up to 7.0 s right after a PyTorch step; PyTorch's 5.7 s alone, 5.9-6.3 s
+after ours), from the shared heap and thread pools. `--isolation=none` runs both in this
+process, as before.
 """
 
 import json
@@ -14,6 +20,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aspp_resunet import host_memory  # noqa: E402
+
+if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()  # before the heavy imports, as the programs
+
 from absl import app
 from absl import flags
 import jax
@@ -21,8 +33,6 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aspp_resunet import host_memory
 from aspp_resunet import labels  # noqa: E402
 from aspp_resunet import models  # noqa: E402
 from aspp_resunet import staged_step  # noqa: E402
@@ -32,7 +42,11 @@ from benchmarks import common  # noqa: E402
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Configuration to time.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of both.')
 flags.DEFINE_integer('steps', 3, 'Timed steps per framework after one warm-up step.')
-flags.DEFINE_enum('only', None, ['jax', 'torch'], 'Internal: run one framework (memory).')
+flags.DEFINE_enum('isolation', 'process', ['process', 'none'],
+                  'process: one worker process per framework, steps alternating; none: both '
+                  'frameworks in this process.')
+flags.DEFINE_enum('only', None, ['jax', 'torch'],
+                  'Internal: be the worker of one framework (steps timed on request).')
 flags.DEFINE_string('output', None, 'Result JSON (default: see module docstring).')
 FLAGS = flags.FLAGS
 
@@ -46,7 +60,7 @@ def _batch(config):
 
 
 def _jax_step(config, image, label):
-  """(run one step -> loss, compiled) for our trainer's train_step."""
+  """(run one step -> loss, what it is) for our trainer's train_step."""
   model = models.create_model(config.model)
   state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
   batch = {'image': jnp.asarray(image), 'label': jnp.asarray(label),
@@ -65,10 +79,13 @@ def _jax_step(config, image, label):
     jax.block_until_ready(holder[0])
     return float(out['loss'])
 
-  return run, compiled, models.count_parameters(state.params), flops, staged
+  return run, {'parameters': models.count_parameters(state.params), 'flops': flops,
+               'staged': staged,
+               'xla_memory_analysis_gib': (None if staged else
+                                           staged_step.program_bytes(compiled) / 2**30)}
 
 
-def _torch_step(config, image, label, dtype):
+def _torch_step(config, image, label):
   import torch
 
   from benchmarks import torch_reference
@@ -83,14 +100,15 @@ def _torch_step(config, image, label, dtype):
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=config.model.dtype == 'bfloat16'):
       logits = net(x)
     loss = torch_reference.loss_fn(config.train.loss, logits, y, config.model.num_classes)
     loss.backward()
     optimizer.step()
     return float(loss)
 
-  return run, torch_reference.parameter_count(net), torch.__version__, torch.get_num_threads()
+  return run, {'parameters': torch_reference.parameter_count(net),
+               'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads()}
 
 
 def _timed(run):
@@ -125,14 +143,60 @@ def _max_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _memory_of(framework):
-  """Max RSS of a fresh process running the warm-up and timed steps of one framework."""
-  command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
-             f'--dtype={FLAGS.dtype}', f'--steps={FLAGS.steps}',
-             f'--config={config_flags.get_config_filename(FLAGS["config"])}']
-  command += [f'--config.{k}={v}' for k, v in _overrides().items()]
-  result = subprocess.run(command, capture_output=True, text=True, check=True)
-  return json.loads(result.stdout.strip().splitlines()[-1])['max_rss_gib']
+_REPLY = 'worker-reply: '  # marks the worker's answers among anything else it prints
+
+
+def _serve(framework, config, image, label):
+  """The worker: builds and warms up one framework's step, says what it is, then times one
+  step per 'step' line on stdin; at end of input answers its peak RSS."""
+  step = _jax_step if framework == 'jax' else _torch_step
+  run, info = step(config, image, label)
+  run()  # warm-up (compilation; oneDNN picks its kernels on the first call)
+  _answer(info)
+  for line in sys.stdin:
+    if line.strip() != 'step':
+      break
+    _answer({'seconds': _timed(run)})
+  _answer({'max_rss_gib': _max_rss_gib()})
+
+
+def _answer(figures):
+  print(_REPLY + json.dumps(figures), flush=True)
+
+
+class _Worker:
+  """A framework's worker process (`_serve`), started and warmed up by the constructor."""
+
+  def __init__(self, framework):
+    self.framework = framework
+    command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
+               f'--dtype={FLAGS.dtype}',
+               f'--config={config_flags.get_config_filename(FLAGS["config"])}']
+    command += [f'--config.{k}={v}' for k, v in _overrides().items()]
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+    self.info = self._read()
+
+  def _read(self):
+    for line in self.process.stdout:
+      if line.startswith(_REPLY):
+        return json.loads(line[len(_REPLY):])
+      sys.stdout.write(line)
+    raise SystemExit(f'the {self.framework} worker exited with {self.process.wait()} '
+                     'before answering (its error is above)')
+
+  def step(self):
+    """Seconds of one timed step."""
+    self.process.stdin.write('step\n')
+    self.process.stdin.flush()
+    return self._read()['seconds']
+
+  def finish(self):
+    """Peak RSS (GiB) of the worker, which then exits."""
+    self.process.stdin.close()
+    rss = self._read()['max_rss_gib']
+    self.process.wait()
+    return rss
 
 
 def _overrides():
@@ -152,33 +216,39 @@ def main(argv):
   config.model.dtype = FLAGS.dtype
   image, label = _batch(config)
   if FLAGS.only:
-    run = (_jax_step(config, image, label)[0] if FLAGS.only == 'jax'
-           else _torch_step(config, image, label, FLAGS.dtype)[0])
-    for _ in range(FLAGS.steps + 1):
-      run()
-    print(json.dumps({'max_rss_gib': _max_rss_gib()}))
+    _serve(FLAGS.only, config, image, label)
     return
 
-  jax_run, compiled, jax_params, flops, staged = _jax_step(config, image, label)
-  torch_run, torch_params, torch_version, torch_threads = _torch_step(config, image, label,
-                                                                      FLAGS.dtype)
-  if jax_params != torch_params:
-    raise SystemExit(f'parameter counts differ: ours {jax_params}, torch {torch_params}')
-  jax_run(), torch_run()  # warm-up (oneDNN picks its kernels on the first call)
   jax_times, torch_times = [], []
-  for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
-    jax_times.append(_timed(jax_run))
-    torch_times.append(_timed(torch_run))
+  if FLAGS.isolation == 'process':
+    jax_worker, torch_worker = _Worker('jax'), _Worker('torch')  # one after the other
+    jax_info, torch_info = jax_worker.info, torch_worker.info
+    _check_parameters(jax_info, torch_info)
+    for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
+      jax_times.append(jax_worker.step())
+      torch_times.append(torch_worker.step())
+    jax_rss, torch_rss = jax_worker.finish(), torch_worker.finish()
+  else:
+    jax_run, jax_info = _jax_step(config, image, label)
+    torch_run, torch_info = _torch_step(config, image, label)
+    _check_parameters(jax_info, torch_info)
+    jax_run(), torch_run()  # warm-up
+    for _ in range(FLAGS.steps):
+      jax_times.append(_timed(jax_run))
+      torch_times.append(_timed(torch_run))
+    # Peak RSS of each framework alone: a worker per framework, one after the other.
+    jax_rss, torch_rss = (_memory_of(framework) for framework in ('jax', 'torch'))
   jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
   peak = gemm_peak_gflops(jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32)
-  jax_rss, torch_rss = _memory_of('jax'), _memory_of('torch')
+  flops, staged = jax_info['flops'], jax_info['staged']
   figures = {
       'config': common.config_name(FLAGS['config']),
       'image_size': list(config.data.image_size), 'base_width': config.model.base_width,
       'use_aspp': config.model.use_aspp, 'batch_size': config.train.batch_size,
       'loss': config.train.loss, 'dtype': FLAGS.dtype,
-      'conv_impl': config.model.conv_impl, 'parameters': jax_params,
-      'torch_version': torch_version, 'torch_threads': torch_threads,
+      'conv_impl': config.model.conv_impl, 'parameters': jax_info['parameters'],
+      'torch_version': torch_info['torch_version'],
+      'torch_threads': torch_info['torch_threads'], 'isolation': FLAGS.isolation,
       'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,
       'jax_step_seconds_median': jax_seconds, 'torch_step_seconds_median': torch_seconds,
       'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
@@ -192,13 +262,27 @@ def main(argv):
       'gemm_peak_gflops': peak,
       'jax_fraction_of_gemm_peak': flops['executed'] / jax_seconds / 1e9 / peak,
       'torch_fraction_of_gemm_peak': flops['nominal'] / torch_seconds / 1e9 / peak,
-      'xla_memory_analysis_gib': None if staged else staged_step.program_bytes(compiled) / 2**30,
+      'xla_memory_analysis_gib': jax_info['xla_memory_analysis_gib'],
       'jax_max_rss_gib': jax_rss, 'torch_max_rss_gib': torch_rss,
       'peak_memory_ratio_vs_torch': jax_rss / torch_rss,
   }
   size = 'x'.join(map(str, config.data.image_size))
   common.report(FLAGS.output or (f'benchmarks/results/train_step_vs_torch_'
                                  f'{figures["config"]}_{size}_{FLAGS.dtype}.json'), figures)
+
+
+def _check_parameters(jax_info, torch_info):
+  if jax_info['parameters'] != torch_info['parameters']:
+    raise SystemExit(f'parameter counts differ: ours {jax_info["parameters"]}, '
+                     f'torch {torch_info["parameters"]}')
+
+
+def _memory_of(framework):
+  """Max RSS of a worker running the warm-up and the timed steps of one framework alone."""
+  worker = _Worker(framework)
+  for _ in range(FLAGS.steps):
+    worker.step()
+  return worker.finish()
 
 
 if __name__ == '__main__':
