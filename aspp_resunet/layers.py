@@ -407,12 +407,10 @@ def _upsampled_conv(x, kernel, conv_impl):
   if impl == 'im2col':
     return _upsampled_im2col_conv(x, phase_kernels)
   if impl == 'flat':
-    # In IM2COL_DTYPE throughout, rounded once at the end; one cast of x, whose transpose
-    # rounds the 8 phases' summed input gradient once.
-    phase_input, phase_dtype = x.astype(IM2COL_DTYPE), IM2COL_DTYPE
-  else:
-    phase_input, phase_dtype = x, kernel.dtype
-  phases = [conv3d_same(phase_input, phase_kernel.astype(phase_dtype), 1,
+    # (p, q, r, a, b, c, in, out): phase, then tap.
+    return _upsampled_flat_conv(x, jnp.stack(phase_kernels).reshape(
+        (2,) * 6 + kernel.shape[3:]).astype(IM2COL_DTYPE))
+  phases = [conv3d_same(x, phase_kernel.astype(kernel.dtype), 1,
                         [(0, 1) if odd else (1, 0) for odd in phase], impl)
             for phase, phase_kernel in zip(PHASES, phase_kernels)]
   return _interleave_phases(jnp.stack(phases)).astype(x.dtype)
@@ -427,6 +425,168 @@ def _interleave_phases(stacked):
   stacked = stacked.reshape(2, 2, 2, batch, *size, features)
   return jnp.transpose(stacked, (3, 4, 0, 5, 1, 6, 2, 7)).reshape(
       batch, *(2 * s for s in size), features)
+
+
+def _deinterleave_phases(x):
+  """The inverse of `_interleave_phases`: (batch, 2X, 2Y, 2Z, C) -> (2, 2, 2, batch, X, Y, Z, C)."""
+  batch, *size, features = x.shape
+  x = x.reshape(batch, size[0] // 2, 2, size[1] // 2, 2, size[2] // 2, 2, features)
+  return jnp.transpose(x, (2, 4, 6, 0, 1, 3, 5, 7))
+
+
+class _UpsampledGeometry:
+  """Where `_upsampled_flat_conv` reads: the coarse map padded by 1 on every side, flattened to
+  rows (depth, height, width); the phase (p, q, r) tap (a, b, c) reads padded coarse
+  (i + p + a, j + q + b, k + r + c) for output (2i + p, 2j + q, 2k + r)."""
+
+  def __init__(self, coarse_shape, products_per_row):
+    batch, depth, height, width, _ = coarse_shape
+    self.coarse_shape = coarse_shape
+    self.grid_width = width + 2
+    self.plane = (height + 2) * self.grid_width
+    self.tail = self.in_plane_offset(2, 2)  # the largest in-plane offset
+    self.tail_planes = -(-self.tail // self.plane)
+    self.block = _slices_per_block(depth, batch * self.plane * products_per_row * 4,
+                                   FLAT_BLOCK_BYTES)
+    self.block_rows = self.block * self.plane
+    self.length = self.block_rows + self.tail  # rows of one block's column matrix
+    self.count = depth // self.block
+
+  def in_plane_offset(self, height_offset, width_offset):
+    return height_offset * self.grid_width + width_offset
+
+  def rows(self, x, index):
+    """Padded depth slices block * index - 1 .. (block + 1) * index + tail planes, as rows."""
+    slab = _depth_slab(x, index * self.block - 1, self.block + 2 + self.tail_planes,
+                       ((1, 1), (1, 1)))
+    return slab.reshape(x.shape[0], -1, x.shape[-1])
+
+  def window(self, rows, depth_offset):
+    """The block's column rows read at a depth offset of whole planes."""
+    return rows[:, depth_offset * self.plane:depth_offset * self.plane + self.length]
+
+  def crop(self, rows):
+    """A block's output rows on the padded plane -> (batch, block, height, width, C)."""
+    _, _, height, width, _ = self.coarse_shape
+    return rows.reshape(rows.shape[0], self.block, height + 2, self.grid_width, -1)[
+        :, :, :height, :width]
+
+
+@jax.custom_vjp
+def _upsampled_flat_conv(x, kernels):
+  """The 8 phase convolutions of `_upsampled_conv` ('flat'), all in one loop over depth blocks.
+
+  `kernels`: (p, q, r, a, b, c, in, out) in IM2COL_DTYPE. Per block and depth parity p, one
+  column matrix (depth taps p, p + 1 of the padded coarse map) times the kernels arranged
+  (a, in) x (q, r, b, c, out) gives all 16 in-plane partial outputs of that parity, summed at
+  their row offsets and interleaved. Backward: the input gradient per in-plane parity (q, r)
+  from the cotangent's 4 phases of that parity (both depth parities in one column matrix), the
+  kernel gradient per depth parity; residuals are x and the kernels. Compared with 8 separate
+  'flat' convolutions (coarse 64^3 x 128 -> 64, forward+backward): 2.57 -> 2.17 s, 1057 -> 161
+  MiB of XLA temporaries; 48^3: 1.22 -> 0.93 s.
+  """
+  return _upsampled_flat_output(x, kernels)
+
+
+def _upsampled_flat_output(x, kernels):
+  features = kernels.shape[-1]
+  geometry = _UpsampledGeometry(x.shape, 32 * features)
+  matrices = [jnp.transpose(kernels[p], (2, 5, 0, 1, 3, 4, 6)).reshape(
+      2 * x.shape[-1], 16 * features) for p in (0, 1)]  # (a, in) x (q, r, b, c, out)
+
+  def block_output(index):
+    rows = geometry.rows(x, index)
+    phases = []
+    for p in (0, 1):
+      columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
+      products = jnp.dot(columns, matrices[p],
+                         preferred_element_type=jnp.float32).reshape(
+                             x.shape[0], geometry.length, 2, 2, 2, 2, features)
+      for q, r in np.ndindex(2, 2):
+        offsets = [(geometry.in_plane_offset(q + b, r + c), b, c) for b, c in np.ndindex(2, 2)]
+        phases.append(geometry.crop(sum(
+            products[:, offset:offset + geometry.block_rows, q, r, b, c]
+            for offset, b, c in offsets)))
+    return _interleave_phases(jnp.stack(phases))
+
+  return _map_depth_blocks(block_output, geometry.count).astype(x.dtype)
+
+
+def _upsampled_flat_forward(x, kernels):
+  return _upsampled_flat_output(x, kernels), (x, kernels)
+
+
+def _upsampled_flat_backward(residuals, cotangent):
+  x, kernels = residuals
+  phases = _deinterleave_phases(cotangent)  # one copy, read by both gradients
+  return (_upsampled_flat_input_gradient(phases, kernels, x.shape).astype(x.dtype),
+          _upsampled_flat_kernel_gradient(x, phases, kernels.shape).astype(kernels.dtype))
+
+
+_upsampled_flat_conv.defvjp(_upsampled_flat_forward, _upsampled_flat_backward)
+
+
+def _upsampled_flat_input_gradient(phases, kernels, coarse_shape):
+  """x's gradient: input (i, j, k) receives kernel (p, q, r, a, b, c) times the cotangent's
+  phase (p, q, r) at (i + 1 - p - a, j + 1 - q - b, k + 1 - r - c), i.e. at padded depth
+  offset 2 - p - a and in-plane offset (2 - q - b, 2 - r - c) on the same padded grid."""
+  channels, features = coarse_shape[-1], kernels.shape[-1]
+  geometry = _UpsampledGeometry(coarse_shape, 4 * channels)
+  depth_taps = list(np.ndindex(2, 2))  # (p, a)
+  matrices = {(q, r): jnp.concatenate([  # (p, a, out) x (b, c, in)
+      jnp.transpose(kernels[p, q, r, a], (3, 0, 1, 2)).reshape(features, 4 * channels)
+      for p, a in depth_taps]) for q, r in np.ndindex(2, 2)}
+
+  def block_output(index):
+    total = 0
+    for q, r in np.ndindex(2, 2):
+      rows = [geometry.rows(phases[p, q, r], index) for p in (0, 1)]
+      columns = _join_channels([geometry.window(rows[p], 2 - p - a) for p, a in depth_taps])
+      products = jnp.dot(columns, matrices[q, r], preferred_element_type=jnp.float32).reshape(
+          coarse_shape[0], geometry.length, 2, 2, channels)
+      for b, c in np.ndindex(2, 2):
+        offset = geometry.in_plane_offset(2 - q - b, 2 - r - c)
+        total = total + products[:, offset:offset + geometry.block_rows, b, c]
+    return geometry.crop(total)
+
+  return _map_depth_blocks(block_output, geometry.count)
+
+
+def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
+  """The kernels' gradient, per block and depth parity p: the forward's column matrix
+  (transposed) times the cotangent's 4 phases of parity p, each placed at its 4 taps' row
+  offsets, summed over blocks in IM2COL_DTYPE."""
+  channels, features = x.shape[-1], kernels_shape[-1]
+  geometry = _UpsampledGeometry(x.shape, 32 * features)
+  before = geometry.tail_planes * geometry.plane
+  placement = ((0, 0), (geometry.tail_planes,) * 2, (0, 2), (0, 2), (0, 0))
+
+  def add_block(total, index):
+    rows = geometry.rows(x, index)
+    products = []
+    for p in (0, 1):
+      shifted = []
+      for q, r in np.ndindex(2, 2):
+        placed = jnp.pad(jax.lax.dynamic_slice_in_dim(
+            phases[p, q, r], index * geometry.block, geometry.block, 1).astype(IM2COL_DTYPE),
+                         placement).reshape(x.shape[0], -1, features)
+        for b, c in np.ndindex(2, 2):
+          offset = before - geometry.in_plane_offset(q + b, r + c)
+          shifted.append(placed[:, offset:offset + geometry.length])
+      # 16 parts: one concatenation pass is faster here than `_join_channels`'s sum of padded
+      # parts, whose every element tests each part (kernel gradient at 48^3: 0.51 vs 0.91 s).
+      shifted = jnp.concatenate(shifted, axis=-1)
+      columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
+      products.append(jnp.dot(columns.reshape(-1, 2 * channels).T,
+                              shifted.reshape(-1, 16 * features)))
+    return total + jnp.stack(products), None
+
+  total, _ = jax.lax.scan(add_block,
+                          jnp.zeros((2, 2 * channels, 16 * features), IM2COL_DTYPE),
+                          jnp.arange(geometry.count))
+  # (p, a, in, q, r, b, c, out) -> (p, q, r, a, b, c, in, out)
+  return jnp.transpose(total.reshape(2, 2, channels, 2, 2, 2, 2, features),
+                       (0, 3, 4, 1, 5, 6, 2, 7))
 
 
 @jax.custom_vjp

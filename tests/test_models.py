@@ -595,3 +595,30 @@ def test_join_channels_equals_concatenate():
   weights = jnp.asarray(rng.standard_normal(joined.shape), jnp.float32)
   gradients = jax.grad(lambda ps: jnp.sum(layers._join_channels(ps) * weights))(parts)  # pylint: disable=protected-access
   np.testing.assert_array_equal(jnp.concatenate(gradients, axis=-1), weights)
+
+
+@pytest.mark.parametrize('conv_impl', ['im2col', 'flat'])
+@pytest.mark.parametrize('block_bytes', [1, 10**9])  # one coarse depth slice per block / all
+def test_upsampled_blocks_give_the_convolution_of_the_upsampled_map(monkeypatch, block_bytes,
+                                                                    conv_impl):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 2, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 5, 4)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((2, 6, 8, 4, 4)), jnp.float32)
+  monkeypatch.setattr(layers, 'IM2COL_BLOCK_BYTES', block_bytes)
+  monkeypatch.setattr(layers, 'FLAT_BLOCK_BYTES', block_bytes)
+
+  def loss(conv_impl, x, kernel):
+    if conv_impl == 'lax':
+      y = _reference_conv(layers.upsample_nearest(x), kernel, 1)
+    else:
+      y = layers._upsampled_conv(x, kernel, conv_impl)  # pylint: disable=protected-access
+    return jnp.sum(y * cotangent), y
+
+  (_, got), got_grads = jax.value_and_grad(
+      functools.partial(loss, conv_impl), (0, 1), has_aux=True)(x, kernel)
+  (_, expected), expected_grads = jax.value_and_grad(
+      functools.partial(loss, 'lax'), (0, 1), has_aux=True)(x, kernel)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for g, e in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
