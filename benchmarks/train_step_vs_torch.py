@@ -6,11 +6,19 @@ step times and their ratio (`step_time_ratio_vs_torch`, ours / theirs), achieved
 XLA's cost analysis, a GEMM peak measured in the same run, and peak memory (XLA's memory
 analysis, and each framework's max RSS).
 
-By default each framework runs in its own worker process, the steps alternating between them
+By default each framework runs in its own worker process, the turns alternating between them
 (`--isolation=process`): in one process each slows the other (at 64^3, paper widths, our step
 5.5-5.8 s alone and up to 7.0 s right after a PyTorch step; PyTorch's 5.7 s alone, 5.9-6.3 s
 after ours), from the shared heap and thread pools. `--isolation=none` runs both in this
 process, as before.
+
+A turn is `--steps_per_turn` steps back to back, as in training, and the medians compare the
+steps after the first of each turn; the first steps, and all steps, are compared apart
+(`first_of_turn_time_ratio_vs_torch`, `all_steps_time_ratio_vs_torch`). Our first step after
+the other framework's turn is slower: on this virtual machine memory left free for a while is
+handed back to the host (free page reporting) and costs again when reused. At 64^3, paper
+widths, our step back to back 5.6-5.8 s; after a PyTorch step 6.3-7.0 s; after a 5 s pause
+7.8-8.4 s (issue 6 note, session 8).
 """
 
 import json
@@ -41,7 +49,8 @@ from benchmarks import common  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Configuration to time.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of both.')
-flags.DEFINE_integer('steps', 3, 'Timed steps per framework after one warm-up step.')
+flags.DEFINE_integer('steps', 3, 'Turns per framework after one warm-up step.')
+flags.DEFINE_integer('steps_per_turn', 3, 'Steps back to back in each turn (all timed).')
 flags.DEFINE_enum('isolation', 'process', ['process', 'none'],
                   'process: one worker process per framework, steps alternating; none: both '
                   'frameworks in this process.')
@@ -225,8 +234,8 @@ def main(argv):
     jax_info, torch_info = jax_worker.info, torch_worker.info
     _check_parameters(jax_info, torch_info)
     for _ in range(FLAGS.steps):  # alternating, so both see the same machine state
-      jax_times.append(jax_worker.step())
-      torch_times.append(torch_worker.step())
+      jax_times.append([jax_worker.step() for _ in range(FLAGS.steps_per_turn)])
+      torch_times.append([torch_worker.step() for _ in range(FLAGS.steps_per_turn)])
     jax_rss, torch_rss = jax_worker.finish(), torch_worker.finish()
   else:
     jax_run, jax_info = _jax_step(config, image, label)
@@ -234,11 +243,11 @@ def main(argv):
     _check_parameters(jax_info, torch_info)
     jax_run(), torch_run()  # warm-up
     for _ in range(FLAGS.steps):
-      jax_times.append(_timed(jax_run))
-      torch_times.append(_timed(torch_run))
+      jax_times.append([_timed(jax_run) for _ in range(FLAGS.steps_per_turn)])
+      torch_times.append([_timed(torch_run) for _ in range(FLAGS.steps_per_turn)])
     # Peak RSS of each framework alone: a worker per framework, one after the other.
     jax_rss, torch_rss = (_memory_of(framework) for framework in ('jax', 'torch'))
-  jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
+  jax_seconds, torch_seconds = (_median(times, 1) for times in (jax_times, torch_times))
   peak = gemm_peak_gflops(jnp.bfloat16 if FLAGS.dtype == 'bfloat16' else jnp.float32)
   flops, staged = jax_info['flops'], jax_info['staged']
   figures = {
@@ -249,8 +258,12 @@ def main(argv):
       'conv_impl': config.model.conv_impl, 'parameters': jax_info['parameters'],
       'torch_version': torch_info['torch_version'],
       'torch_threads': torch_info['torch_threads'], 'isolation': FLAGS.isolation,
-      'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,
+      'steps_per_turn': FLAGS.steps_per_turn,
+      'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,  # per turn
       'jax_step_seconds_median': jax_seconds, 'torch_step_seconds_median': torch_seconds,
+      'first_of_turn_time_ratio_vs_torch': (_median(jax_times, 0, 1) /
+                                            _median(torch_times, 0, 1)),
+      'all_steps_time_ratio_vs_torch': _median(jax_times, 0) / _median(torch_times, 0),
       'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
       'step_mode': 'staged' if staged else 'fused',
       # nominal: the network as written (PyTorch's arithmetic); executed: ours (the decoder's
@@ -271,6 +284,12 @@ def main(argv):
                                  f'{figures["config"]}_{size}_{FLAGS.dtype}.json'), figures)
 
 
+def _median(turns, first, stop=None):
+  """Median step time over steps first .. stop - 1 of every turn (all of them if a turn has
+  only one step)."""
+  return float(np.median([t for turn in turns for t in (turn[first:stop] or turn)]))
+
+
 def _check_parameters(jax_info, torch_info):
   if jax_info['parameters'] != torch_info['parameters']:
     raise SystemExit(f'parameter counts differ: ours {jax_info["parameters"]}, '
@@ -280,7 +299,7 @@ def _check_parameters(jax_info, torch_info):
 def _memory_of(framework):
   """Max RSS of a worker running the warm-up and the timed steps of one framework alone."""
   worker = _Worker(framework)
-  for _ in range(FLAGS.steps):
+  for _ in range(FLAGS.steps * FLAGS.steps_per_turn):
     worker.step()
   return worker.finish()
 
