@@ -41,6 +41,15 @@ IM2COL_BLOCK_BYTES = 128 * 2**20
 IM2COL_DTYPE = jnp.float32
 
 
+def _product_dtype(*operands):
+  """bfloat16 for the matrix products of 'flat' when all operands hold bfloat16 values (the
+  inputs and kernels of a bfloat16 model): converting their float32 columns back is exact, and
+  the product accumulates in float32 either way, but XLA:CPU's bfloat16 GEMM runs 1.7x faster
+  (200000 x 192 @ 192 x 576: 312 ms in float32, 179 ms in bfloat16, plus 24 ms to convert the
+  columns). IM2COL_DTYPE otherwise."""
+  return jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in operands) else IM2COL_DTYPE
+
+
 def resolve_conv_impl(conv_impl, stacked_bytes=0):
   """'auto' -> 'lax' (one native 3D convolution) on GPU/TPU; on CPU 'depth2d' or 'flat' by the
   layer's depth-stacked copy size `stacked_bytes` (DEPTH2D_STACK_LIMIT_BYTES)."""
@@ -198,7 +207,8 @@ def _flat_conv(x, kernel, dilation, padding):
   input, not the kh x kw x kd of 'im2col'); its product with the kernel arranged (kd, in) x
   (kh, kw, out) gives every in-plane tap's partial output, which are summed at their row
   offsets. The output is computed on the padded plane and cropped. Each block copies only its
-  own depth slices, so there is no padded copy of the whole input. Computed in IM2COL_DTYPE.
+  own depth slices, so there is no padded copy of the whole input. Columns built in
+  IM2COL_DTYPE, products in `_product_dtype`, accumulated in float32.
   Backward: the input gradient is the same computation on the cotangent (flipped kernel), the
   kernel gradient `_flat_kernel_gradient`; residuals are the input and the kernel only.
   """
@@ -208,12 +218,14 @@ def _flat_conv(x, kernel, dilation, padding):
 def _flat_conv_output(x, kernel, dilation, padding):
   geometry = _FlatGeometry(x.shape, kernel.shape, dilation, padding)
   kd, kh, kw, channels, features = kernel.shape
-  matrix = jnp.transpose(kernel.astype(IM2COL_DTYPE), (0, 3, 1, 2, 4)).reshape(
+  product_dtype = _product_dtype(x, kernel)
+  matrix = jnp.transpose(kernel.astype(product_dtype), (0, 3, 1, 2, 4)).reshape(
       kd * channels, kh * kw * features)
   out_height, out_width = geometry.out_shape[1:]
 
   def block_output(index):
-    products = jnp.dot(geometry.columns(x, index), matrix, preferred_element_type=jnp.float32)
+    products = jnp.dot(geometry.columns(x, index).astype(product_dtype), matrix,
+                       preferred_element_type=jnp.float32)
     products = products.reshape(x.shape[0], geometry.length, kh * kw, features)
     total = sum(products[:, offset:offset + geometry.block_rows, tap]
                 for tap, offset in enumerate(geometry.in_plane_offsets))
@@ -247,6 +259,7 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   over blocks in IM2COL_DTYPE."""
   geometry = _FlatGeometry(x.shape, kernel_shape, dilation, padding)
   kd, kh, kw, channels, features = kernel_shape
+  product_dtype = _product_dtype(x, cotangent)
   out_height, out_width = geometry.out_shape[1:]
   # The block's cotangent on the padded plane (zeros where the forward pass cropped), between
   # whole planes of zeros so that a tap's row offset can be subtracted: only this block's
@@ -261,9 +274,10 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
                      placement).reshape(x.shape[0], -1, features)
     shifted = _join_channels([placed[:, before - offset:before - offset + geometry.length]
                               for offset in geometry.in_plane_offsets])
-    columns = geometry.columns(x, index)
+    columns = geometry.columns(x, index).astype(product_dtype)
     return total + jnp.dot(columns.reshape(-1, kd * channels).T,
-                           shifted.reshape(-1, kh * kw * features)), None
+                           shifted.astype(product_dtype).reshape(-1, kh * kw * features),
+                           preferred_element_type=IM2COL_DTYPE), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
                           jnp.arange(geometry.out_shape[0] // geometry.block))

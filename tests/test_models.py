@@ -302,23 +302,51 @@ def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
   assert layers.resolve_conv_impl('depth2d') == 'depth2d'
 
 
-def _spatial_ranks_of_convolutions(fn, *args):
-  """Spatial ranks of the convolutions `fn` runs, inside calls (custom_vjp, scan...) too."""
+def _equations(primitive, fn, *args):
+  """The equations of `primitive` that `fn` runs, inside calls (custom_vjp, scan...) too."""
 
-  def ranks(jaxpr):
+  def find(jaxpr):
     found = []
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'conv_general_dilated':
-        found.append(eqn.invars[0].aval.ndim - 2)
+      if eqn.primitive.name == primitive:
+        found.append(eqn)
       for param in eqn.params.values():
         for inner in param if isinstance(param, (tuple, list)) else (param,):
           if isinstance(inner, jax.extend.core.ClosedJaxpr):
-            found += ranks(inner.jaxpr)
+            found += find(inner.jaxpr)
           elif isinstance(inner, jax.extend.core.Jaxpr):
-            found += ranks(inner)
+            found += find(inner)
     return found
 
-  return sorted(ranks(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr))  # a new function: no cache
+  return find(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)  # a new function: no cache
+
+
+def _spatial_ranks_of_convolutions(fn, *args):
+  """Spatial ranks of the convolutions `fn` runs."""
+  return sorted(eqn.invars[0].aval.ndim - 2
+                for eqn in _equations('conv_general_dilated', fn, *args))
+
+
+# The dtypes of the three products (forward; input gradient: cotangent x kernel; kernel
+# gradient: input x cotangent): bfloat16 exactly where both operands hold bfloat16 values, where
+# converting the float32 columns back is exact (the cotangent has the input's dtype).
+@pytest.mark.parametrize('x_dtype,kernel_dtype,product_dtypes', [
+    (jnp.bfloat16, jnp.bfloat16, ['bfloat16'] * 3),
+    (jnp.bfloat16, jnp.float32, ['bfloat16', 'float32', 'float32']),
+    (jnp.float32, jnp.float32, ['float32'] * 3)])
+def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(x_dtype, kernel_dtype,
+                                                                     product_dtypes):
+  x = jnp.ones((1, 4, 4, 4, 3), x_dtype)
+  kernel = jnp.ones((3, 3, 3, 3, 2), kernel_dtype)
+
+  def loss(x, kernel):
+    return jnp.sum(layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat').astype(jnp.float32))
+
+  products = _equations('dot_general', jax.grad(loss, (0, 1)), x, kernel)
+  operand_dtypes = [{str(v.aval.dtype) for v in eqn.invars} for eqn in products]
+  assert all(len(dtypes) == 1 for dtypes in operand_dtypes)  # no mixed products
+  assert sorted(dtypes.pop() for dtypes in operand_dtypes) == product_dtypes
+  assert all(eqn.outvars[0].aval.dtype == jnp.float32 for eqn in products)  # f32 accumulation
 
 
 def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
