@@ -470,7 +470,8 @@ class _UpsampledGeometry:
     return height_offset * self.grid_width + width_offset
 
   def rows(self, x, index):
-    """Padded depth slices block * index - 1 .. (block + 1) * index + tail planes, as rows."""
+    """Block `index`'s depth slices, one before to one after plus the tail planes (zeros outside
+    x), padded in-plane, as rows."""
     slab = _depth_slab(x, index * self.block - 1, self.block + 2 + self.tail_planes,
                        ((1, 1), (1, 1)))
     return slab.reshape(x.shape[0], -1, x.shape[-1])
