@@ -139,7 +139,7 @@ def make_train_fn(config, model, replicated, state=None, batch=None):
         mode = 'staged'
         report(f'train.step_mode=auto: the one-program step needs {needed / 2**30:.1f} GiB, '
                f'{available / 2**30:.1f} GiB are available: using the staged step (one '
-               f'program per half residual block, ~1.75x the time, under half the memory)')
+               f'program per half residual block, ~1.5x the time, under half the memory)')
   if mode == 'staged':
     return staged_step.StagedTrainStep(model, config.train.loss, replicated)
   return fused
