@@ -290,16 +290,40 @@ def test_model_output_is_the_same_with_every_conv_impl():
     np.testing.assert_allclose(output, outputs[0], rtol=1e-4, atol=1e-4)
 
 
-def test_auto_conv_impl_is_depth2d_on_cpu_and_lax_elsewhere(monkeypatch):
+def test_auto_conv_impl_is_depth2d_or_flat_on_cpu_and_lax_elsewhere(monkeypatch):
   assert layers.resolve_conv_impl('auto') == 'depth2d'  # the tests run on CPU
   depth2d_limit = layers.DEPTH2D_STACK_LIMIT_BYTES
   assert layers.resolve_conv_impl('auto', depth2d_limit) == 'depth2d'
   assert layers.resolve_conv_impl('auto', depth2d_limit + 1) == 'flat'
   assert layers.resolve_conv_impl('auto', 100 * depth2d_limit) == 'flat'
   assert layers.resolve_conv_impl('depth2d', 100 * depth2d_limit) == 'depth2d'
+  # bfloat16: 'flat' at every size (its products take bfloat16 operands).
+  assert layers.resolve_conv_impl('auto', 0, jnp.bfloat16) == 'flat'
+  assert layers.resolve_conv_impl('auto', 0, jnp.float32) == 'depth2d'
+  assert layers.resolve_conv_impl('depth2d', 0, jnp.bfloat16) == 'depth2d'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_impl('auto') == 'lax'
+  assert layers.resolve_conv_impl('auto', 0, jnp.bfloat16) == 'lax'
   assert layers.resolve_conv_impl('depth2d') == 'depth2d'
+
+
+def test_auto_runs_flat_for_a_bfloat16_model_on_cpu(monkeypatch):
+  calls = []
+  for name in ('_flat_conv', '_upsampled_flat_conv'):
+    original = getattr(layers, name)
+    monkeypatch.setattr(layers, name, functools.partial(
+        lambda original, name, *args: calls.append(name) or original(*args), original, name))
+  x = jnp.ones((1, 4, 4, 4, 3), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3, 3, 2), jnp.bfloat16)
+  assert _spatial_ranks_of_convolutions(
+      lambda x, k: layers.conv3d_same(x, k, 1, [(1, 1)] * 3, 'auto'), x, kernel) == []
+  assert _spatial_ranks_of_convolutions(
+      lambda x, k: layers._upsampled_conv(x, k, 'auto'), x, kernel) == []  # pylint: disable=protected-access
+  assert calls == ['_flat_conv', '_upsampled_flat_conv']
+  # The same layers in float32: 'depth2d', one 2D convolution each.
+  assert _spatial_ranks_of_convolutions(
+      lambda x, k: layers.conv3d_same(x, k, 1, [(1, 1)] * 3, 'auto'),
+      x.astype(jnp.float32), kernel.astype(jnp.float32)) == [2]
 
 
 def _equations(primitive, fn, *args):
