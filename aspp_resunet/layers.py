@@ -164,10 +164,12 @@ FLAT_BLOCK_BYTES = 24 * 2**20
 
 
 class _FlatGeometry:
-  """Where `_flat_conv` reads: a block of depth slices of the input, padded and flattened to
-  rows (depth, height, width), in which every kernel tap is a constant row offset."""
+  """Where `_flat_conv` (and `_upsampled_flat_conv`) read: a block of depth slices of the input,
+  padded and flattened to rows (depth, height, width), in which every kernel tap is a constant
+  row offset. A block holds as many output slices as keep `products_per_row` float32 partial
+  products per row (default: one per in-plane tap and output feature) within FLAT_BLOCK_BYTES."""
 
-  def __init__(self, in_shape, kernel_shape, dilation, padding):
+  def __init__(self, in_shape, kernel_shape, dilation, padding, products_per_row=None):
     batch, depth, height, width, _ = in_shape
     self.padding = padding
     self.out_shape = [size + lo + hi - (k - 1) * dilation
@@ -176,24 +178,61 @@ class _FlatGeometry:
     self.grid_width = width + sum(padding[2])
     self.plane = self.grid_height * self.grid_width
     # In-plane taps (h, w) as row offsets, in the kernel's (h, w) order; depth taps whole planes.
-    self.in_plane_offsets = [b * dilation * self.grid_width + c * dilation
+    self.in_plane_offsets = [self.in_plane_offset(b * dilation, c * dilation)
                              for b in range(kernel_shape[1]) for c in range(kernel_shape[2])]
-    self.depth_offsets = [a * dilation * self.plane for a in range(kernel_shape[0])]
+    self.depth_planes = [a * dilation for a in range(kernel_shape[0])]
     self.tail = self.in_plane_offsets[-1]
     # Whole planes of zeros after a block's slab so that its rows plus the in-plane tail exist.
     self.tail_planes = -(-self.tail // self.plane)
-    product_bytes = batch * self.plane * len(self.in_plane_offsets) * kernel_shape[4] * 4
-    self.block = _slices_per_block(self.out_shape[0], product_bytes, FLAT_BLOCK_BYTES)
+    if products_per_row is None:
+      products_per_row = len(self.in_plane_offsets) * kernel_shape[4]
+    self.block = _slices_per_block(self.out_shape[0], batch * self.plane * products_per_row * 4,
+                                   FLAT_BLOCK_BYTES)
     self.block_rows = self.block * self.plane
     self.length = self.block_rows + self.tail  # rows of one block's column matrix
     self.halo = (kernel_shape[0] - 1) * dilation
+    self.count = self.out_shape[0] // self.block  # blocks
+
+  def in_plane_offset(self, height_offset, width_offset):
+    return height_offset * self.grid_width + width_offset
+
+  def rows(self, x, index):
+    """Block `index`'s input depth slices with the halo and tail planes (zeros outside x),
+    padded in-plane, as rows (batch, rows, channels)."""
+    slab = _depth_slab(x, index * self.block - self.padding[0][0],
+                       self.block + self.halo + self.tail_planes, self.padding[1:])
+    return slab.reshape(x.shape[0], -1, x.shape[-1])
+
+  def window(self, rows, depth_planes):
+    """The block's column rows read at a depth offset of whole planes."""
+    return rows[:, depth_planes * self.plane:depth_planes * self.plane + self.length]
 
   def columns(self, x, index):
     """The block's depth taps side by side: (batch, length, kd * channels)."""
-    slab = _depth_slab(x, index * self.block - self.padding[0][0],
-                       self.block + self.halo + self.tail_planes, self.padding[1:])
-    slab = slab.reshape(x.shape[0], -1, x.shape[-1])
-    return _join_channels([slab[:, offset:offset + self.length] for offset in self.depth_offsets])
+    rows = self.rows(x, index)
+    return _join_channels([self.window(rows, planes) for planes in self.depth_planes])
+
+  def crop(self, rows):
+    """A block's output rows on the padded plane -> (batch, block, out height, out width, C)."""
+    out_height, out_width = self.out_shape[1:]
+    return rows.reshape(rows.shape[0], self.block, self.grid_height, self.grid_width, -1)[
+        :, :, :out_height, :out_width]
+
+  def placed(self, outputs, index):
+    """Block `index`'s slices of an output-shaped map (a cotangent) on the padded plane (zeros
+    where the forward pass cropped), between whole planes of zeros, as rows in IM2COL_DTYPE:
+    read by `tap_window`, so that only this block's output rows count (the columns' tail rows
+    are the next block's)."""
+    placement = ((0, 0), (self.tail_planes,) * 2, (0, self.grid_height - self.out_shape[1]),
+                 (0, self.grid_width - self.out_shape[2]), (0, 0))
+    return jnp.pad(jax.lax.dynamic_slice_in_dim(outputs, index * self.block, self.block,
+                                                1).astype(IM2COL_DTYPE),
+                   placement).reshape(outputs.shape[0], -1, outputs.shape[-1])
+
+  def tap_window(self, placed, offset):
+    """The placed rows a tap at in-plane row `offset` multiplies: (batch, length, C)."""
+    start = self.tail_planes * self.plane - offset
+    return placed[:, start:start + self.length]
 
 
 def _join_channels(parts):
@@ -230,18 +269,15 @@ def _flat_conv_output(x, kernel, dilation, padding):
   product_dtype = _product_dtype(x, kernel)
   matrix = jnp.transpose(kernel.astype(product_dtype), (0, 3, 1, 2, 4)).reshape(
       kd * channels, kh * kw * features)
-  out_height, out_width = geometry.out_shape[1:]
 
   def block_output(index):
     products = jnp.dot(geometry.columns(x, index).astype(product_dtype), matrix,
                        preferred_element_type=jnp.float32)
     products = products.reshape(x.shape[0], geometry.length, kh * kw, features)
-    total = sum(products[:, offset:offset + geometry.block_rows, tap]
-                for tap, offset in enumerate(geometry.in_plane_offsets))
-    return total.reshape(x.shape[0], geometry.block, geometry.grid_height, geometry.grid_width,
-                         features)[:, :, :out_height, :out_width]
+    return geometry.crop(sum(products[:, offset:offset + geometry.block_rows, tap]
+                             for tap, offset in enumerate(geometry.in_plane_offsets)))
 
-  return _map_depth_blocks(block_output, geometry.out_shape[0] // geometry.block).astype(x.dtype)
+  return _map_depth_blocks(block_output, geometry.count).astype(x.dtype)
 
 
 def _flat_conv_forward(x, kernel, dilation, padding):
@@ -269,19 +305,10 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   geometry = _FlatGeometry(x.shape, kernel_shape, dilation, padding)
   kd, kh, kw, channels, features = kernel_shape
   product_dtype = _product_dtype(x, cotangent)
-  out_height, out_width = geometry.out_shape[1:]
-  # The block's cotangent on the padded plane (zeros where the forward pass cropped), between
-  # whole planes of zeros so that a tap's row offset can be subtracted: only this block's
-  # output rows may count (the columns' tail rows are the next block's).
-  before = geometry.tail_planes * geometry.plane
-  placement = ((0, 0), (geometry.tail_planes,) * 2, (0, geometry.grid_height - out_height),
-               (0, geometry.grid_width - out_width), (0, 0))
 
   def add_block(total, index):
-    placed = jnp.pad(jax.lax.dynamic_slice_in_dim(cotangent, index * geometry.block,
-                                                  geometry.block, 1).astype(IM2COL_DTYPE),
-                     placement).reshape(x.shape[0], -1, features)
-    shifted = _join_channels([placed[:, before - offset:before - offset + geometry.length]
+    placed = geometry.placed(cotangent, index)
+    shifted = _join_channels([geometry.tap_window(placed, offset)
                               for offset in geometry.in_plane_offsets])
     columns = geometry.columns(x, index).astype(product_dtype)
     return total + jnp.dot(columns.reshape(-1, kd * channels).T,
@@ -289,7 +316,7 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
                            preferred_element_type=IM2COL_DTYPE), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
-                          jnp.arange(geometry.out_shape[0] // geometry.block))
+                          jnp.arange(geometry.count))
   return jnp.transpose(total.reshape(kd, channels, kh, kw, features), (0, 2, 3, 1, 4))
 
 
@@ -457,43 +484,11 @@ def _deinterleave_phases(x):
   return jnp.transpose(x, (2, 4, 6, 0, 1, 3, 5, 7))
 
 
-class _UpsampledGeometry:
-  """Where `_upsampled_flat_conv` reads: the coarse map padded by 1 on every side, flattened to
-  rows (depth, height, width); the phase (p, q, r) tap (a, b, c) reads padded coarse
-  (i + p + a, j + q + b, k + r + c) for output (2i + p, 2j + q, 2k + r)."""
-
-  def __init__(self, coarse_shape, products_per_row):
-    batch, depth, height, width, _ = coarse_shape
-    self.coarse_shape = coarse_shape
-    self.grid_width = width + 2
-    self.plane = (height + 2) * self.grid_width
-    self.tail = self.in_plane_offset(2, 2)  # the largest in-plane offset
-    self.tail_planes = -(-self.tail // self.plane)
-    self.block = _slices_per_block(depth, batch * self.plane * products_per_row * 4,
-                                   FLAT_BLOCK_BYTES)
-    self.block_rows = self.block * self.plane
-    self.length = self.block_rows + self.tail  # rows of one block's column matrix
-    self.count = depth // self.block
-
-  def in_plane_offset(self, height_offset, width_offset):
-    return height_offset * self.grid_width + width_offset
-
-  def rows(self, x, index):
-    """Block `index`'s depth slices, one before to one after plus the tail planes (zeros outside
-    x), padded in-plane, as rows."""
-    slab = _depth_slab(x, index * self.block - 1, self.block + 2 + self.tail_planes,
-                       ((1, 1), (1, 1)))
-    return slab.reshape(x.shape[0], -1, x.shape[-1])
-
-  def window(self, rows, depth_offset):
-    """The block's column rows read at a depth offset of whole planes."""
-    return rows[:, depth_offset * self.plane:depth_offset * self.plane + self.length]
-
-  def crop(self, rows):
-    """A block's output rows on the padded plane -> (batch, block, height, width, C)."""
-    _, _, height, width, _ = self.coarse_shape
-    return rows.reshape(rows.shape[0], self.block, height + 2, self.grid_width, -1)[
-        :, :, :height, :width]
+def _upsampled_geometry(coarse_shape, products_per_row):
+  """Where `_upsampled_flat_conv` reads: the coarse map padded by 1 on every side (a 3^3
+  'SAME' grid); the phase (p, q, r) tap (a, b, c) reads padded coarse (i + p + a, j + q + b,
+  k + r + c) for output (2i + p, 2j + q, 2k + r)."""
+  return _FlatGeometry(coarse_shape, (3, 3, 3), 1, ((1, 1),) * 3, products_per_row)
 
 
 @jax.custom_vjp
@@ -514,7 +509,7 @@ def _upsampled_flat_conv(x, kernels):
 
 def _upsampled_flat_output(x, kernels):
   features = kernels.shape[-1]
-  geometry = _UpsampledGeometry(x.shape, 32 * features)
+  geometry = _upsampled_geometry(x.shape, 32 * features)
   matrices = [jnp.transpose(kernels[p], (2, 5, 0, 1, 3, 4, 6)).reshape(
       2 * x.shape[-1], 16 * features) for p in (0, 1)]  # (a, in) x (q, r, b, c, out)
 
@@ -555,7 +550,7 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape):
   phase (p, q, r) at (i + 1 - p - a, j + 1 - q - b, k + 1 - r - c), i.e. at padded depth
   offset 2 - p - a and in-plane offset (2 - q - b, 2 - r - c) on the same padded grid."""
   channels, features = coarse_shape[-1], kernels.shape[-1]
-  geometry = _UpsampledGeometry(coarse_shape, 4 * channels)
+  geometry = _upsampled_geometry(coarse_shape, 4 * channels)
   depth_taps = list(np.ndindex(2, 2))  # (p, a)
   matrices = {(q, r): jnp.concatenate([  # (p, a, out) x (b, c, in)
       jnp.transpose(kernels[p, q, r, a], (3, 0, 1, 2)).reshape(features, 4 * channels)
@@ -581,9 +576,7 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
   (transposed) times the cotangent's 4 phases of parity p, each placed at its 4 taps' row
   offsets, summed over blocks in IM2COL_DTYPE."""
   channels, features = x.shape[-1], kernels_shape[-1]
-  geometry = _UpsampledGeometry(x.shape, 32 * features)
-  before = geometry.tail_planes * geometry.plane
-  placement = ((0, 0), (geometry.tail_planes,) * 2, (0, 2), (0, 2), (0, 0))
+  geometry = _upsampled_geometry(x.shape, 32 * features)
 
   def add_block(total, index):
     rows = geometry.rows(x, index)
@@ -591,12 +584,9 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
     for p in (0, 1):
       shifted = []
       for q, r in np.ndindex(2, 2):
-        placed = jnp.pad(jax.lax.dynamic_slice_in_dim(
-            phases[p, q, r], index * geometry.block, geometry.block, 1).astype(IM2COL_DTYPE),
-                         placement).reshape(x.shape[0], -1, features)
-        for b, c in np.ndindex(2, 2):
-          offset = before - geometry.in_plane_offset(q + b, r + c)
-          shifted.append(placed[:, offset:offset + geometry.length])
+        placed = geometry.placed(phases[p, q, r], index)
+        shifted += [geometry.tap_window(placed, geometry.in_plane_offset(q + b, r + c))
+                    for b, c in np.ndindex(2, 2)]
       # 16 parts: one concatenation pass is faster here than `_join_channels`'s sum of padded
       # parts, whose every element tests each part (kernel gradient at 48^3: 0.51 vs 0.91 s).
       shifted = jnp.concatenate(shifted, axis=-1)
