@@ -80,7 +80,10 @@ ctypes.memset(libc.malloc(size), 1, size)
 with open('/proc/self/smaps_rollup') as stream:
   print('huge_kib', *[line.split()[1] for line in stream if line.startswith('AnonHugePages:')])
 '''
-_GLIBC_ONLY = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+_GLIBC_ONLY = pytest.mark.skipif(
+    platform.libc_ver()[0] != 'glibc',
+    reason='glibc only (its tunables); other C libraries: '
+    'test_restart_with_huge_pages_leaves_other_c_libraries_alone')
 
 
 def _restart(tmp_path, thp_mode, **env):

@@ -519,6 +519,18 @@ def test_bn_momentum_sets_the_running_average_update(momentum):
                              atol=1e-5)
 
 
+def _assert_same_values_and_gradients(loss, conv_impl, x, kernel):
+  """`loss(impl, x, kernel)` -> (loss, output): `conv_impl`'s output and gradients (x, kernel)
+  equal 'lax''s."""
+  (_, got), got_grads = jax.value_and_grad(
+      functools.partial(loss, conv_impl), (0, 1), has_aux=True)(x, kernel)
+  (_, expected), expected_grads = jax.value_and_grad(
+      functools.partial(loss, 'lax'), (0, 1), has_aux=True)(x, kernel)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for g, e in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize('conv_impl', ['im2col', 'hybrid', 'flat'])
 @pytest.mark.parametrize('block_bytes', [1, 10**9])  # one depth slice per block / all at once
 def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_impl):
@@ -539,13 +551,7 @@ def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_
       y = layers.conv3d_same(x, kernel, 2, padding, conv_impl)
     return jnp.sum(y * cotangent), y
 
-  (_, got), got_grads = jax.value_and_grad(
-      functools.partial(loss, conv_impl), (0, 1), has_aux=True)(x, kernel)
-  (_, expected), expected_grads = jax.value_and_grad(
-      functools.partial(loss, 'lax'), (0, 1), has_aux=True)(x, kernel)
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-  for g, e in zip(got_grads, expected_grads):
-    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
+  _assert_same_values_and_gradients(loss, conv_impl, x, kernel)
 
 
 def _flax_batch_norm(train, dtype, momentum=0.9):
@@ -667,10 +673,4 @@ def test_upsampled_blocks_give_the_convolution_of_the_upsampled_map(monkeypatch,
       y = layers._upsampled_conv(x, kernel, conv_impl)  # pylint: disable=protected-access
     return jnp.sum(y * cotangent), y
 
-  (_, got), got_grads = jax.value_and_grad(
-      functools.partial(loss, conv_impl), (0, 1), has_aux=True)(x, kernel)
-  (_, expected), expected_grads = jax.value_and_grad(
-      functools.partial(loss, 'lax'), (0, 1), has_aux=True)(x, kernel)
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-  for g, e in zip(got_grads, expected_grads):
-    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
+  _assert_same_values_and_gradients(loss, conv_impl, x, kernel)
