@@ -310,14 +310,29 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
     placed = geometry.placed(cotangent, index)
     shifted = _join_channels([geometry.tap_window(placed, offset)
                               for offset in geometry.in_plane_offsets])
-    columns = geometry.columns(x, index).astype(product_dtype)
-    return total + jnp.dot(columns.reshape(-1, kd * channels).T,
+    columns = geometry.columns(x, index).astype(product_dtype).reshape(-1, kd * channels)
+    return total + jnp.dot(_transposed(columns),
                            shifted.astype(product_dtype).reshape(-1, kh * kw * features),
                            preferred_element_type=IM2COL_DTYPE), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
                           jnp.arange(geometry.count))
   return jnp.transpose(total.reshape(kd, channels, kh, kw, features), (0, 2, 3, 1, 4))
+
+
+def _transposed(matrix):
+  """matrix.T for the left operand of a product; in bfloat16 a row-major copy.
+
+  XLA:CPU hands a bfloat16 product to its fast GEMM only when the left operand is row-major;
+  `matrix.T` is a column-major view, so the product ran in float32 between conversions. The
+  swap on a 3-D view is a real transpose (it cannot become a layout change), fused with the
+  columns' conversion. The kernel gradients' products (9802 x 192 columns, 96^3 x 64 layer):
+  fwd+bwd per layer 1.35 -> 1.11 s; float32 products keep the view (no copy, same speed).
+  """
+  if matrix.dtype != jnp.bfloat16:
+    return matrix.T
+  rows, columns = matrix.shape
+  return jnp.swapaxes(matrix[:, :, None], 0, 2).reshape(columns, rows)
 
 
 def _depth_slab(x, first, count, in_plane_padding):
@@ -574,9 +589,10 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape):
 def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
   """The kernels' gradient, per block and depth parity p: the forward's column matrix
   (transposed) times the cotangent's 4 phases of parity p, each placed at its 4 taps' row
-  offsets, summed over blocks in IM2COL_DTYPE."""
+  offsets, multiplied in `_product_dtype`, summed over blocks in IM2COL_DTYPE."""
   channels, features = x.shape[-1], kernels_shape[-1]
   geometry = _upsampled_geometry(x.shape, 32 * features)
+  product_dtype = _product_dtype(x, phases)
 
   def add_block(total, index):
     rows = geometry.rows(x, index)
@@ -591,8 +607,10 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
       # parts, whose every element tests each part (kernel gradient at 48^3: 0.51 vs 0.91 s).
       shifted = jnp.concatenate(shifted, axis=-1)
       columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
-      products.append(jnp.dot(columns.reshape(-1, 2 * channels).T,
-                              shifted.reshape(-1, 16 * features)))
+      products.append(jnp.dot(
+          _transposed(columns.astype(product_dtype).reshape(-1, 2 * channels)),
+          shifted.astype(product_dtype).reshape(-1, 16 * features),
+          preferred_element_type=IM2COL_DTYPE))
     return total + jnp.stack(products), None
 
   total, _ = jax.lax.scan(add_block,

@@ -1,6 +1,7 @@
 """Tests for the model: shapes, parameter counts, exact conv shortcuts, norm behaviour, dtypes."""
 
 import functools
+import re
 import subprocess
 import sys
 import warnings
@@ -371,6 +372,36 @@ def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(x_dtype, ke
   assert all(len(dtypes) == 1 for dtypes in operand_dtypes)  # no mixed products
   assert sorted(dtypes.pop() for dtypes in operand_dtypes) == product_dtypes
   assert all(eqn.outvars[0].aval.dtype == jnp.float32 for eqn in products)  # f32 accumulation
+
+
+def _compiled_dot_operand_dtypes(fn, *args):
+  """(lhs, rhs) element types of every matrix product in `fn`'s optimised XLA program: what the
+  backend multiplies, after any upcast it inserted."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  types = dict(re.findall(r'(%[\w.\-]+) = (\w+)\[', text))
+  operands = re.findall(r'= \w+\[[^\]]*\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)', text)
+  assert operands, 'no matrix product found in the compiled program'
+  return sorted((types[lhs], types[rhs]) for lhs, rhs in operands)
+
+
+def test_flat_bfloat16_products_are_not_upcast_by_the_compiler():
+  # XLA:CPU runs a bfloat16 product whose left operand is transposed (the kernel gradients'
+  # columns) in float32 between conversions; `_transposed` gives it a row-major operand.
+  x = jnp.ones((1, 6, 6, 6, 8), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3, 8, 8), jnp.bfloat16)
+
+  def loss(conv):
+    return lambda x, kernel: jnp.sum(conv(x, kernel).astype(jnp.float32))
+
+  same_size = loss(lambda x, k: layers.conv3d_same(x, k, 1, [(1, 1)] * 3, 'flat'))
+  # The input and the kernel gradient (the loss's value is not needed).
+  assert _compiled_dot_operand_dtypes(jax.grad(same_size, (0, 1)), x, kernel) == [
+      ('bf16', 'bf16')] * 2
+  upsampled = loss(lambda x, k: layers._upsampled_conv(x, k, 'flat'))  # pylint: disable=protected-access
+  # Kernel gradient per depth parity in bfloat16; the input gradient per in-plane parity
+  # multiplies the phase kernels, float32 sums of taps.
+  assert _compiled_dot_operand_dtypes(jax.grad(upsampled, (0, 1)), x, kernel) == (
+      [('bf16', 'bf16')] * 2 + [('f32', 'f32')] * 4)
 
 
 def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
