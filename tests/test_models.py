@@ -424,6 +424,30 @@ def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
   assert len(flat_calls) == 2
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('block_bytes', [1, None])  # one depth slice per block; all in one
+def test_pointwise_conv_equals_the_matrix_product(monkeypatch, dtype, block_bytes):
+  if block_bytes:
+    monkeypatch.setattr(layers, 'POINTWISE_BLOCK_BYTES', block_bytes)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 5, 3, 4, 6)), dtype)
+  matrix = jnp.asarray(rng.standard_normal((6, 7)), dtype)
+  cotangent = jnp.asarray(rng.standard_normal((2, 5, 3, 4, 7)), dtype)
+
+  def reference(x, matrix):
+    return jnp.einsum('bxyzc,cf->bxyzf', x, matrix)
+
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  for conv_impl in ('auto', 'lax'):
+    y, vjp = jax.vjp(functools.partial(layers.pointwise_conv, conv_impl=conv_impl), x, matrix)
+    y_reference, vjp_reference = jax.vjp(reference, x, matrix)
+    assert y.dtype == dtype
+    for got, want in zip((y, *vjp(cotangent)), (y_reference, *vjp_reference(cotangent))):
+      assert got.dtype == want.dtype and got.shape == want.shape
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=tolerance, atol=tolerance * 10)
+
+
 def test_live_taps():
   assert layers.live_taps(3, 6, 8) == [-1, 0, 1]
   assert layers.live_taps(3, 12, 8) == [0]
