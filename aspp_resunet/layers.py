@@ -225,9 +225,10 @@ class _FlatGeometry:
     are the next block's)."""
     placement = ((0, 0), (self.tail_planes,) * 2, (0, self.grid_height - self.out_shape[1]),
                  (0, self.grid_width - self.out_shape[2]), (0, 0))
-    return jnp.pad(jax.lax.dynamic_slice_in_dim(outputs, index * self.block, self.block,
-                                                1).astype(IM2COL_DTYPE),
-                   placement).reshape(outputs.shape[0], -1, outputs.shape[-1])
+    block = _sliced_as_bits(outputs, lambda a: jax.lax.dynamic_slice_in_dim(
+        a, index * self.block, self.block, 1))
+    return jnp.pad(block.astype(IM2COL_DTYPE), placement).reshape(
+        outputs.shape[0], -1, outputs.shape[-1])
 
   def tap_window(self, placed, offset):
     """The placed rows a tap at in-plane row `offset` multiplies: (batch, length, C)."""
@@ -335,12 +336,27 @@ def _transposed(matrix):
   return jnp.swapaxes(matrix[:, :, None], 0, 2).reshape(columns, rows)
 
 
+def _sliced_as_bits(x, slice_fn):
+  """slice_fn(x), a dynamic slice or gather, taken from a bfloat16 x's bits (uint16).
+
+  XLA:CPU has no bfloat16 dynamic slice or gather: it converts the array to float32 around
+  them, and inside a loop over blocks that conversion of the loop-invariant array is hoisted:
+  a float32 copy of the whole map, kept alive through the loop, per convolution (0.25 s for a
+  96^3 x 64 map, first touch of new memory). Bits are sliced as they are.
+  """
+  if x.dtype != jnp.bfloat16:
+    return slice_fn(x)
+  bits = slice_fn(jax.lax.bitcast_convert_type(x, jnp.uint16))
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
 def _depth_slab(x, first, count, in_plane_padding):
   """Depth slices first .. first + count - 1 of x, zeros where they fall outside it (the depth
   padding), padded in-plane, in IM2COL_DTYPE: one block's input, without a padded copy of x."""
   depths = first + jnp.arange(count)
   inside = (depths >= 0) & (depths < x.shape[1])
-  slab = jnp.take(x, jnp.clip(depths, 0, x.shape[1] - 1), axis=1).astype(IM2COL_DTYPE)
+  slab = _sliced_as_bits(x, lambda a: jnp.take(a, jnp.clip(depths, 0, x.shape[1] - 1),
+                                               axis=1)).astype(IM2COL_DTYPE)
   slab = jnp.where(inside[None, :, None, None, None], slab, 0)
   return jnp.pad(slab, ((0, 0), (0, 0), *in_plane_padding, (0, 0)))
 
@@ -426,42 +442,60 @@ def live_taps(kernel_size, dilation, input_size):
 # Bytes of one depth block of a 1x1x1 convolution's input (as float32) per kernel-gradient
 # product: a few MiB, so that each block's conversion stays in cache.
 POINTWISE_BLOCK_BYTES = 4 * 2**20
+# Most inputs of a bfloat16 1x1x1 convolution computed as a sum of broadcast products.
+POINTWISE_SUM_MAX_INPUTS = 8
 
 
 def pointwise_conv(x, matrix, conv_impl):
   """A 1x1x1 convolution: x (batch, X, Y, Z, in) @ matrix (in, out), in x's dtype.
 
-  One product forward and for the input gradient. The kernel gradient contracts every voxel
-  into a small (in, out) matrix; as one product XLA:CPU runs that, in bfloat16, as transposed
-  float32 copies of both operands and a single-threaded GEMM (decoder_0's 96^3 x 64 -> 64
-  shortcut in the 96^3 bfloat16 step: 0.59 s plus 0.2 s of copies). So off 'lax' it is summed
-  over depth blocks of POINTWISE_BLOCK_BYTES, each multiplied in float32 (0.05 s there; the
-  same sum up to the order of the float32 additions). 'lax' (GPU/TPU): autodiff's product.
+  Off 'lax' the products accumulate in float32 (`_pointwise_product`) and the kernel gradient
+  is summed over depth blocks of POINTWISE_BLOCK_BYTES: it contracts every voxel into a small
+  (in, out) matrix, which as one product XLA:CPU runs single-threaded, in bfloat16 after
+  transposed float32 copies of both operands (decoder_0's 96^3 x 64 -> 64 shortcut in the
+  96^3 bfloat16 step: 0.59 s plus 0.2 s of copies; blocked 0.05 s). 'lax' (GPU/TPU):
+  autodiff of one einsum.
   """
   if resolve_conv_impl(conv_impl, 0, x.dtype) == 'lax':
     return jnp.einsum('bxyzc,cf->bxyzf', x, matrix)
   return _pointwise_conv(x, matrix)
 
 
+def _pointwise_product(x, matrix):
+  """x (..., in) @ matrix, accumulated in float32, in x's dtype.
+
+  XLA:CPU multiplies bfloat16 only into a float32 result (else it converts both operands to
+  float32 first: a float32 copy of the whole map, 0.26 s for the 96^3 x 64 head input). A
+  bfloat16 product over a few inputs (the 4 modalities, the head's 4 classes backward) is
+  memory-bound: a sum of broadcast products writes the bfloat16 result in one pass (96^3,
+  4 -> 64: 85 -> 32 ms; in float32 the product is as fast, 49 vs 59 ms: kept).
+  """
+  if x.dtype == jnp.bfloat16 and matrix.shape[0] <= POINTWISE_SUM_MAX_INPUTS:
+    return sum(x[..., c, None].astype(jnp.float32) * matrix[c].astype(jnp.float32)
+               for c in range(matrix.shape[0])).astype(x.dtype)
+  return jnp.einsum('...c,cf->...f', x, matrix,
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 @jax.custom_vjp
 def _pointwise_conv(x, matrix):
-  return jnp.einsum('bxyzc,cf->bxyzf', x, matrix)
+  return _pointwise_product(x, matrix)
 
 
 def _pointwise_forward(x, matrix):
-  return _pointwise_conv(x, matrix), (x, matrix)
+  return _pointwise_product(x, matrix), (x, matrix)
 
 
 def _pointwise_backward(residuals, cotangent):
   x, matrix = residuals
-  x_gradient = jnp.einsum('bxyzf,cf->bxyzc', cotangent, matrix)
+  x_gradient = _pointwise_product(cotangent, matrix.T)
   slice_bytes = x.shape[0] * x.shape[2] * x.shape[3] * max(matrix.shape) * 4
   block = _slices_per_block(x.shape[1], slice_bytes, POINTWISE_BLOCK_BYTES)
 
   def add_block(total, index):
-    rows, outputs = (jax.lax.dynamic_slice_in_dim(a, index * block, block, 1).astype(
-        jnp.float32).reshape(-1, a.shape[-1]) for a in (x, cotangent))
-    return total + jnp.dot(rows.T, outputs), None
+    rows, outputs = (_sliced_as_bits(a, lambda a: jax.lax.dynamic_slice_in_dim(
+        a, index * block, block, 1)).reshape(-1, a.shape[-1]) for a in (x, cotangent))
+    return total + jnp.dot(_transposed(rows), outputs, preferred_element_type=jnp.float32), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros(matrix.shape, jnp.float32),
                           jnp.arange(x.shape[1] // block))

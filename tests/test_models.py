@@ -384,9 +384,10 @@ def _compiled_dot_operand_dtypes(fn, *args):
   return sorted((types[lhs], types[rhs]) for lhs, rhs in operands)
 
 
-def test_flat_bfloat16_products_are_not_upcast_by_the_compiler():
-  # XLA:CPU runs a bfloat16 product whose left operand is transposed (the kernel gradients'
-  # columns) in float32 between conversions; `_transposed` gives it a row-major operand.
+def test_bfloat16_products_are_not_upcast_by_the_compiler():
+  # XLA:CPU runs a bfloat16 product in float32 between conversions when its left operand is
+  # transposed (the kernel gradients' columns: `_transposed` gives a row-major copy) or its
+  # result is bfloat16 (1x1x1 convolutions: `_pointwise_product` asks for float32).
   x = jnp.ones((1, 6, 6, 6, 8), jnp.bfloat16)
   kernel = jnp.ones((3, 3, 3, 8, 8), jnp.bfloat16)
 
@@ -402,6 +403,12 @@ def test_flat_bfloat16_products_are_not_upcast_by_the_compiler():
   # multiplies the phase kernels, float32 sums of taps.
   assert _compiled_dot_operand_dtypes(jax.grad(upsampled, (0, 1)), x, kernel) == (
       [('bf16', 'bf16')] * 2 + [('f32', 'f32')] * 4)
+  # 1x1x1: wider than POINTWISE_SUM_MAX_INPUTS, so products.
+  x, matrix = jnp.ones((1, 6, 6, 6, 16), jnp.bfloat16), jnp.ones((16, 16), jnp.bfloat16)
+  pointwise = functools.partial(layers.pointwise_conv, conv_impl='auto')
+  assert _compiled_dot_operand_dtypes(pointwise, x, matrix) == [('bf16', 'bf16')]
+  assert _compiled_dot_operand_dtypes(jax.grad(loss(pointwise), (0, 1)), x, matrix) == [
+      ('bf16', 'bf16')] * 2
 
 
 def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
@@ -426,13 +433,17 @@ def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('block_bytes', [1, None])  # one depth slice per block; all in one
-def test_pointwise_conv_equals_the_matrix_product(monkeypatch, dtype, block_bytes):
+# In bfloat16 few inputs are summed (POINTWISE_SUM_MAX_INPUTS), more multiplied; forward and
+# input gradient take one path each.
+@pytest.mark.parametrize('in_features,out_features', [(6, 7), (12, 5), (13, 11)])
+def test_pointwise_conv_equals_the_matrix_product(monkeypatch, dtype, block_bytes, in_features,
+                                                  out_features):
   if block_bytes:
     monkeypatch.setattr(layers, 'POINTWISE_BLOCK_BYTES', block_bytes)
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.standard_normal((2, 5, 3, 4, 6)), dtype)
-  matrix = jnp.asarray(rng.standard_normal((6, 7)), dtype)
-  cotangent = jnp.asarray(rng.standard_normal((2, 5, 3, 4, 7)), dtype)
+  x = jnp.asarray(rng.standard_normal((2, 5, 3, 4, in_features)), dtype)
+  matrix = jnp.asarray(rng.standard_normal((in_features, out_features)), dtype)
+  cotangent = jnp.asarray(rng.standard_normal((2, 5, 3, 4, out_features)), dtype)
 
   def reference(x, matrix):
     return jnp.einsum('bxyzc,cf->bxyzf', x, matrix)
