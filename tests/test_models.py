@@ -411,6 +411,26 @@ def test_bfloat16_products_are_not_upcast_by_the_compiler():
       ('bf16', 'bf16')] * 2
 
 
+def test_bfloat16_block_loops_carry_no_float32_copy_of_their_maps(monkeypatch):
+  # XLA:CPU converts a bfloat16 dynamic slice or gather to float32 and hoists the conversion
+  # of the loop-invariant map out of the loop; `_sliced_as_bits` slices the bits instead.
+  monkeypatch.setattr(layers, 'FLAT_BLOCK_BYTES', 1)  # one depth slice per block: loops
+  monkeypatch.setattr(layers, 'POINTWISE_BLOCK_BYTES', 1)
+  shape = (1, 6, 6, 6, 16)
+  x, kernel = jnp.ones(shape, jnp.bfloat16), jnp.ones((3, 3, 3, 16, 16), jnp.bfloat16)
+
+  def loss(x, kernel):
+    y = layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat')
+    y = layers.pointwise_conv(y, kernel[0, 0, 0], 'auto')
+    return jnp.sum(layers._upsampled_conv(y, kernel, 'flat').astype(jnp.float32) ** 2)  # pylint: disable=protected-access
+
+  text = jax.jit(jax.grad(loss, (0, 1))).lower(x, kernel).compile().as_text()
+  loop_states = re.findall(r'= \(([^)]*)\) while\(', text)
+  assert len(loop_states) >= 6  # forward and backward of each convolution
+  full_map = 'f32[{}]'.format(','.join(map(str, shape)))
+  assert not [state for state in loop_states if full_map in state]
+
+
 def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
   x = jnp.ones((1, 8, 8, 8, 4), jnp.float32)  # stacked copy: 3 x 8 KiB
   kernel = jnp.ones((3, 3, 3, 4, 2), jnp.float32)
