@@ -300,21 +300,26 @@ _flat_conv.defvjp(_flat_conv_forward, _flat_conv_backward)
 
 
 def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
-  """d(loss)/d(kernel) of `_flat_conv`: per block, the forward's column matrix (transposed)
-  times the cotangent placed on the padded plane at each in-plane tap's row offset, summed
-  over blocks in IM2COL_DTYPE."""
+  """d(loss)/d(kernel) of `_flat_conv`: per block and in-plane tap, the forward's column
+  matrix (transposed) times the window of the cotangent (placed on the padded plane) at the
+  tap's row offset, summed over blocks in IM2COL_DTYPE.
+
+  One product per tap reads its window where it lies; joining the 9 windows side by side
+  first (one wide product) copied 9x the cotangent per block (96^3 x 64, the 96 blocks'
+  products: 1.11 -> 0.61 s in bfloat16, 1.14 -> 0.97 s in float32).
+  """
   geometry = _FlatGeometry(x.shape, kernel_shape, dilation, padding)
   kd, kh, kw, channels, features = kernel_shape
   product_dtype = _product_dtype(x, cotangent)
 
   def add_block(total, index):
-    placed = geometry.placed(cotangent, index)
-    shifted = _join_channels([geometry.tap_window(placed, offset)
-                              for offset in geometry.in_plane_offsets])
-    columns = geometry.columns(x, index).astype(product_dtype).reshape(-1, kd * channels)
-    return total + jnp.dot(_transposed(columns),
-                           shifted.astype(product_dtype).reshape(-1, kh * kw * features),
-                           preferred_element_type=IM2COL_DTYPE), None
+    placed = geometry.placed(cotangent, index).astype(product_dtype)
+    columns = _transposed(
+        geometry.columns(x, index).astype(product_dtype).reshape(-1, kd * channels))
+    products = [jnp.dot(columns, geometry.tap_window(placed, offset).reshape(-1, features),
+                        preferred_element_type=IM2COL_DTYPE)
+                for offset in geometry.in_plane_offsets]
+    return total + jnp.concatenate(products, axis=1), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
                           jnp.arange(geometry.count))
@@ -670,8 +675,9 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape):
 
 def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
   """The kernels' gradient, per block and depth parity p: the forward's column matrix
-  (transposed) times the cotangent's 4 phases of parity p, each placed at its 4 taps' row
-  offsets, multiplied in `_product_dtype`, summed over blocks in IM2COL_DTYPE."""
+  (transposed) times each of the cotangent's 4 phases of parity p, placed, in the windows at
+  its 4 taps' row offsets (one product per window, as `_flat_kernel_gradient`), multiplied in
+  `_product_dtype`, summed over blocks in IM2COL_DTYPE."""
   channels, features = x.shape[-1], kernels_shape[-1]
   geometry = _upsampled_geometry(x.shape, 32 * features)
   product_dtype = _product_dtype(x, phases)
@@ -680,19 +686,15 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
     rows = geometry.rows(x, index)
     products = []
     for p in (0, 1):
-      shifted = []
+      columns = _transposed(_join_channels([geometry.window(rows, p + a) for a in (0, 1)]).astype(
+          product_dtype).reshape(-1, 2 * channels))
+      parts = []
       for q, r in np.ndindex(2, 2):
-        placed = geometry.placed(phases[p, q, r], index)
-        shifted += [geometry.tap_window(placed, geometry.in_plane_offset(q + b, r + c))
-                    for b, c in np.ndindex(2, 2)]
-      # 16 parts: one concatenation pass is faster here than `_join_channels`'s sum of padded
-      # parts, whose every element tests each part (kernel gradient at 48^3: 0.51 vs 0.91 s).
-      shifted = jnp.concatenate(shifted, axis=-1)
-      columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
-      products.append(jnp.dot(
-          _transposed(columns.astype(product_dtype).reshape(-1, 2 * channels)),
-          shifted.astype(product_dtype).reshape(-1, 16 * features),
-          preferred_element_type=IM2COL_DTYPE))
+        placed = geometry.placed(phases[p, q, r], index).astype(product_dtype)
+        parts += [jnp.dot(columns, geometry.tap_window(
+            placed, geometry.in_plane_offset(q + b, r + c)).reshape(-1, features),
+                          preferred_element_type=IM2COL_DTYPE) for b, c in np.ndindex(2, 2)]
+      products.append(jnp.concatenate(parts, axis=1))
     return total + jnp.stack(products), None
 
   total, _ = jax.lax.scan(add_block,

@@ -352,15 +352,17 @@ def _spatial_ranks_of_convolutions(fn, *args):
                 for eqn in _equations('conv_general_dilated', fn, *args))
 
 
-# The dtypes of the three products (forward; input gradient: cotangent x kernel; kernel
-# gradient: input x cotangent): bfloat16 exactly where both operands hold bfloat16 values, where
-# converting the float32 columns back is exact (the cotangent has the input's dtype).
-@pytest.mark.parametrize('x_dtype,kernel_dtype,product_dtypes', [
-    (jnp.bfloat16, jnp.bfloat16, ['bfloat16'] * 3),
-    (jnp.bfloat16, jnp.float32, ['bfloat16', 'float32', 'float32']),
-    (jnp.float32, jnp.float32, ['float32'] * 3)])
-def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(x_dtype, kernel_dtype,
-                                                                     product_dtypes):
+# The dtypes of the products (forward; input gradient: cotangent x kernel; kernel gradient,
+# one per in-plane tap: input x cotangent): bfloat16 exactly where both operands hold bfloat16
+# values, where converting the float32 columns back is exact (the cotangent has the input's
+# dtype).
+@pytest.mark.parametrize('x_dtype,kernel_dtype,forward,input_gradient,kernel_gradient', [
+    (jnp.bfloat16, jnp.bfloat16, 'bfloat16', 'bfloat16', 'bfloat16'),
+    (jnp.bfloat16, jnp.float32, 'float32', 'float32', 'bfloat16'),
+    (jnp.float32, jnp.float32, 'float32', 'float32', 'float32')])
+def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(
+    x_dtype, kernel_dtype, forward, input_gradient, kernel_gradient):
+  product_dtypes = sorted([forward, input_gradient] + [kernel_gradient] * 9)
   x = jnp.ones((1, 4, 4, 4, 3), x_dtype)
   kernel = jnp.ones((3, 3, 3, 3, 2), kernel_dtype)
 
@@ -396,13 +398,15 @@ def test_bfloat16_products_are_not_upcast_by_the_compiler():
 
   same_size = loss(lambda x, k: layers.conv3d_same(x, k, 1, [(1, 1)] * 3, 'flat'))
   # The input and the kernel gradient (the loss's value is not needed).
-  assert _compiled_dot_operand_dtypes(jax.grad(same_size, (0, 1)), x, kernel) == [
-      ('bf16', 'bf16')] * 2
+  # (How many products the kernel gradients' windows make depends on XLA merging small ones.)
+  assert set(_compiled_dot_operand_dtypes(jax.grad(same_size, (0, 1)), x, kernel)) == {
+      ('bf16', 'bf16')}
   upsampled = loss(lambda x, k: layers._upsampled_conv(x, k, 'flat'))  # pylint: disable=protected-access
-  # Kernel gradient per depth parity in bfloat16; the input gradient per in-plane parity
-  # multiplies the phase kernels, float32 sums of taps.
-  assert _compiled_dot_operand_dtypes(jax.grad(upsampled, (0, 1)), x, kernel) == (
-      [('bf16', 'bf16')] * 2 + [('f32', 'f32')] * 4)
+  # The kernel gradient in bfloat16; the input gradient per in-plane parity (4) multiplies the
+  # phase kernels, float32 sums of taps.
+  products = _compiled_dot_operand_dtypes(jax.grad(upsampled, (0, 1)), x, kernel)
+  assert products.count(('f32', 'f32')) == 4
+  assert products.count(('bf16', 'bf16')) == len(products) - 4 >= 2
   # 1x1x1: wider than POINTWISE_SUM_MAX_INPUTS, so products.
   x, matrix = jnp.ones((1, 6, 6, 6, 16), jnp.bfloat16), jnp.ones((16, 16), jnp.bfloat16)
   pointwise = functools.partial(layers.pointwise_conv, conv_impl='auto')
