@@ -308,9 +308,9 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   product_dtype = _product_dtype(x, cotangent)
 
   def add_block(total, index):
-    placed = geometry.placed(cotangent, index).astype(product_dtype)
-    windows = _joined_in_float32([geometry.tap_window(placed, offset)
-                                  for offset in geometry.in_plane_offsets], _join_channels)
+    windows = _windows_to_multiply(
+        [(geometry.placed(cotangent, index), geometry.in_plane_offsets)], geometry.tap_window,
+        product_dtype, _join_channels)
     columns = _transposed(
         geometry.columns(x, index).astype(product_dtype).reshape(-1, kd * channels))
     return total + _window_products(columns, windows), None
@@ -320,13 +320,31 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   return jnp.transpose(total.reshape(kd, channels, kh, kw, features), (0, 2, 3, 1, 4))
 
 
-def _joined_in_float32(windows, join):
-  """The windows a kernel gradient's columns multiply, as products to make
-  (`_window_products`): in bfloat16 one per window, read where it lies; joining the windows
-  copies the cotangent once per window per block (96^3 bfloat16 step 12.17 -> 10.60 s, A/B).
-  In float32 one product with the windows joined by `join` (per window: 96^3 float32 step
-  16.8 -> 18.5 s)."""
-  return windows if windows[0].dtype == jnp.bfloat16 else [join(windows)]
+# Fewest output channels for which a bfloat16 kernel gradient multiplies each tap window
+# separately (`_windows_to_multiply`).
+WINDOW_PRODUCT_MIN_FEATURES = 64
+
+
+def _windows_to_multiply(sources, tap_window, product_dtype, join):
+  """The windows of placed cotangents (`sources`: (placed, row offsets) pairs, `tap_window`
+  reads one) that a kernel gradient's columns multiply, as products to make
+  (`_window_products`), in `product_dtype`.
+
+  In bfloat16 one product per window, read where it lies: joining the windows copies the
+  cotangent once per window per block (96^3 bfloat16 step 12.17 -> 10.60 s, A/B), at
+  WINDOW_PRODUCT_MIN_FEATURES channels or more (narrower products are slow: demo config, 8-32
+  channels, 0.109 -> 0.121 s per step). Otherwise one product with the windows joined by
+  `join` in IM2COL_DTYPE (float32 per window: 96^3 step 16.8 -> 18.5 s, Eigen repacks the
+  transposed left operand per product; bfloat16 joins are slow on XLA:CPU).
+  """
+  if product_dtype == jnp.bfloat16 and sources[0][0].shape[-1] >= WINDOW_PRODUCT_MIN_FEATURES:
+    windows = []
+    for placed, offsets in sources:
+      placed = placed.astype(product_dtype)  # once per placed map, not per window
+      windows += [tap_window(placed, offset) for offset in offsets]
+    return windows
+  return [join([tap_window(placed, offset) for placed, offsets in sources
+                for offset in offsets]).astype(product_dtype)]
 
 
 def _window_products(columns, windows):
@@ -696,15 +714,14 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
     rows = geometry.rows(x, index)
     products = []
     for p in (0, 1):
-      windows = []
-      for q, r in np.ndindex(2, 2):
-        placed = geometry.placed(phases[p, q, r], index).astype(product_dtype)
-        windows += [geometry.tap_window(placed, geometry.in_plane_offset(q + b, r + c))
-                    for b, c in np.ndindex(2, 2)]
+      sources = [(geometry.placed(phases[p, q, r], index),
+                  [geometry.in_plane_offset(q + b, r + c) for b, c in np.ndindex(2, 2)])
+                 for q, r in np.ndindex(2, 2)]
       # 16 windows: one concatenation pass joins them faster than `_join_channels`'s sum of
       # padded parts, whose every element tests each part (kernel gradient at 48^3: 0.51 vs
       # 0.91 s).
-      windows = _joined_in_float32(windows, functools.partial(jnp.concatenate, axis=-1))
+      windows = _windows_to_multiply(sources, geometry.tap_window, product_dtype,
+                                     functools.partial(jnp.concatenate, axis=-1))
       columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
       products.append(_window_products(
           _transposed(columns.astype(product_dtype).reshape(-1, 2 * channels)), windows))

@@ -247,10 +247,14 @@ def test_bfloat16_matches_float32_reference(conv_impl):
   np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize('conv_impl', ['im2col', 'flat'])
+# 'flat' kernel gradients: one product per tap window (here 8 channels) or the windows joined.
+@pytest.mark.parametrize('conv_impl,window_products', [
+    ('im2col', False), ('flat', True), ('flat', False)])
 @pytest.mark.parametrize('upsampled', [False, True])
-def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(upsampled,
-                                                                            conv_impl):
+def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
+    monkeypatch, upsampled, conv_impl, window_products):
+  if window_products:
+    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', 1)
   # Values and all gradients: summing the column gradients in bfloat16 instead (as the column
   # copies' transpose does in the input dtype) is off by up to 280% on small entries.
   rng = np.random.default_rng(0)
@@ -360,10 +364,13 @@ def _spatial_ranks_of_convolutions(fn, *args):
     (jnp.bfloat16, jnp.bfloat16, 'bfloat16', 'bfloat16', 'bfloat16'),
     (jnp.bfloat16, jnp.float32, 'float32', 'float32', 'bfloat16'),
     (jnp.float32, jnp.float32, 'float32', 'float32', 'float32')])
+@pytest.mark.parametrize('min_features', [1, None])  # per tap window at 2 channels, or joined
 def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(
-    x_dtype, kernel_dtype, forward, input_gradient, kernel_gradient):
-  product_dtypes = sorted([forward, input_gradient] +
-                          [kernel_gradient] * (9 if kernel_gradient == 'bfloat16' else 1))
+    monkeypatch, x_dtype, kernel_dtype, forward, input_gradient, kernel_gradient, min_features):
+  if min_features:
+    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', min_features)
+  per_window = kernel_gradient == 'bfloat16' and min_features
+  product_dtypes = sorted([forward, input_gradient] + [kernel_gradient] * (9 if per_window else 1))
   x = jnp.ones((1, 4, 4, 4, 3), x_dtype)
   kernel = jnp.ones((3, 3, 3, 3, 2), kernel_dtype)
 
@@ -387,7 +394,10 @@ def _compiled_dot_operand_dtypes(fn, *args):
   return sorted((types[lhs], types[rhs]) for lhs, rhs in operands)
 
 
-def test_bfloat16_products_are_not_upcast_by_the_compiler():
+@pytest.mark.parametrize('min_features', [1, None])  # kernel gradients per window, or joined
+def test_bfloat16_products_are_not_upcast_by_the_compiler(monkeypatch, min_features):
+  if min_features:
+    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', min_features)
   # XLA:CPU runs a bfloat16 product in float32 between conversions when its left operand is
   # transposed (the kernel gradients' columns: `_transposed` gives a row-major copy) or its
   # result is bfloat16 (1x1x1 convolutions: `_pointwise_product` asks for float32).
