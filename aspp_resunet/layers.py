@@ -472,8 +472,8 @@ def live_taps(kernel_size, dilation, input_size):
   return [o for o in range(-half, half + 1) if abs(o) * dilation < input_size]
 
 
-# Bytes of one depth block of a 1x1x1 convolution's input (as float32) per kernel-gradient
-# product: a few MiB, so that each block's conversion stays in cache.
+# Bytes of one depth block of a 1x1x1 convolution's input (counted as float32) per
+# kernel-gradient product: a few MiB, so that a block and its transposed copy stay in cache.
 POINTWISE_BLOCK_BYTES = 4 * 2**20
 # Most inputs of a bfloat16 1x1x1 convolution computed as a sum of broadcast products.
 POINTWISE_SUM_MAX_INPUTS = 8
