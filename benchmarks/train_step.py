@@ -26,7 +26,8 @@ from benchmarks import common  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Configuration to time.')
 flags.DEFINE_integer('steps', 3, 'Timed steps after the compiling one.')
-flags.DEFINE_string('output', None, 'Result JSON (default benchmarks/results/train_step_<name>).')
+flags.DEFINE_string('output', None,
+                    'Result JSON (default benchmarks/results/train_step_<name>[_staged].json).')
 FLAGS = flags.FLAGS
 
 
@@ -73,9 +74,10 @@ def main(argv):
       'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
       'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
       'peak_rss_gib': peak_rss}
-  common.report(FLAGS.output or
-                f'benchmarks/results/train_step_{common.config_name(FLAGS["config"])}.json',
-                figures)
+  # The staged step gets its own file: a run of each mode keeps the other's result.
+  mode = '_staged' if staged else ''
+  name = f'{common.config_name(FLAGS["config"])}{mode}'
+  common.report(FLAGS.output or f'benchmarks/results/train_step_{name}.json', figures)
 
 
 if __name__ == '__main__':

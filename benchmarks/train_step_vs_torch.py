@@ -1,8 +1,8 @@
 """Training step: ours (JAX) vs the PyTorch reference, same shapes, alternating steps.
 
 python benchmarks/train_step_vs_torch.py --config=configs/demo.py --dtype=float32
-Prints and writes benchmarks/results/train_step_vs_torch_<config>_<size>_<dtype>.json: median
-step times and their ratio (`step_time_ratio_vs_torch`, ours / theirs), achieved FLOP/s from
+Prints and writes benchmarks/results/train_step_vs_torch_<config>_<size>_<dtype>[_staged].json:
+median step times and their ratio (`step_time_ratio_vs_torch`, ours / theirs), achieved FLOP/s from
 XLA's cost analysis, a GEMM peak measured in the same run, and peak memory (XLA's memory
 analysis, and each framework's max RSS).
 
@@ -280,8 +280,9 @@ def main(argv):
       'peak_memory_ratio_vs_torch': jax_rss / torch_rss,
   }
   size = 'x'.join(map(str, config.data.image_size))
+  mode = '_staged' if staged else ''  # a run of each step mode keeps the other's result
   common.report(FLAGS.output or (f'benchmarks/results/train_step_vs_torch_'
-                                 f'{figures["config"]}_{size}_{FLAGS.dtype}.json'), figures)
+                                 f'{figures["config"]}_{size}_{FLAGS.dtype}{mode}.json'), figures)
 
 
 def _median(turns, first, stop=None):
