@@ -196,20 +196,20 @@ class _FlatGeometry:
   def in_plane_offset(self, height_offset, width_offset):
     return height_offset * self.grid_width + width_offset
 
-  def rows(self, x, index):
+  def rows(self, x, index, dtype=IM2COL_DTYPE):
     """Block `index`'s input depth slices with the halo and tail planes (zeros outside x),
-    padded in-plane, as rows (batch, rows, channels)."""
+    padded in-plane, as rows (batch, rows, channels) in `dtype` (`_column_dtype`)."""
     slab = _depth_slab(x, index * self.block - self.padding[0][0],
-                       self.block + self.halo + self.tail_planes, self.padding[1:])
+                       self.block + self.halo + self.tail_planes, self.padding[1:], dtype)
     return slab.reshape(x.shape[0], -1, x.shape[-1])
 
   def window(self, rows, depth_planes):
     """The block's column rows read at a depth offset of whole planes."""
     return rows[:, depth_planes * self.plane:depth_planes * self.plane + self.length]
 
-  def columns(self, x, index):
+  def columns(self, x, index, dtype=IM2COL_DTYPE):
     """The block's depth taps side by side: (batch, length, kd * channels)."""
-    rows = self.rows(x, index)
+    rows = self.rows(x, index, dtype)
     return _join_channels([self.window(rows, planes) for planes in self.depth_planes])
 
   def crop(self, rows):
@@ -218,16 +218,16 @@ class _FlatGeometry:
     return rows.reshape(rows.shape[0], self.block, self.grid_height, self.grid_width, -1)[
         :, :, :out_height, :out_width]
 
-  def placed(self, outputs, index):
+  def placed(self, outputs, index, dtype=IM2COL_DTYPE):
     """Block `index`'s slices of an output-shaped map (a cotangent) on the padded plane (zeros
-    where the forward pass cropped), between whole planes of zeros, as rows in IM2COL_DTYPE:
+    where the forward pass cropped), between whole planes of zeros, as rows in `dtype`:
     read by `tap_window`, so that only this block's output rows count (the columns' tail rows
     are the next block's)."""
     placement = ((0, 0), (self.tail_planes,) * 2, (0, self.grid_height - self.out_shape[1]),
                  (0, self.grid_width - self.out_shape[2]), (0, 0))
     block = _sliced_as_bits(outputs, lambda a: jax.lax.dynamic_slice_in_dim(
-        a, index * self.block, self.block, 1))
-    return jnp.pad(block.astype(IM2COL_DTYPE), placement).reshape(
+        a, index * self.block, self.block, 1), dtype == jnp.uint16)
+    return jnp.pad(block.astype(dtype), placement).reshape(
         outputs.shape[0], -1, outputs.shape[-1])
 
   def tap_window(self, placed, offset):
@@ -237,9 +237,10 @@ class _FlatGeometry:
 
 
 def _join_channels(parts):
-  """jnp.concatenate(parts, axis=-1) as a sum of zero-padded parts: XLA:CPU fuses that into one
-  pass that reads the parts where they lie, while its concatenate first copies each sliced part
-  (96^3 x 64 -> 64 'flat' forward+backward 1.72 -> 1.62 s, 48^3 x 128 -> 128 0.70 -> 0.67 s)."""
+  """jnp.concatenate(parts, axis=-1) as a sum of zero-padded parts (exact, of bits too): XLA:CPU
+  fuses that into one pass that reads the parts where they lie, while its concatenate first
+  copies each sliced part (96^3 x 64 -> 64 'flat' forward+backward 1.72 -> 1.62 s, 48^3 x 128
+  -> 128 0.70 -> 0.67 s)."""
   width = sum(part.shape[-1] for part in parts)
   joined, start = 0, 0
   for part in parts:
@@ -257,7 +258,7 @@ def _flat_conv(x, kernel, dilation, padding):
   (kh, kw, out) gives every in-plane tap's partial output, which are summed at their row
   offsets. The output is computed on the padded plane and cropped. Each block copies only its
   own depth slices, so there is no padded copy of the whole input. Columns built in
-  IM2COL_DTYPE, products in `_product_dtype`, accumulated in float32.
+  `_column_dtype`, products in `_product_dtype`, accumulated in float32.
   Backward: the input gradient is the same computation on the cotangent (flipped kernel), the
   kernel gradient `_flat_kernel_gradient`; residuals are the input and the kernel only.
   """
@@ -272,8 +273,8 @@ def _flat_conv_output(x, kernel, dilation, padding):
       kd * channels, kh * kw * features)
 
   def block_output(index):
-    products = jnp.dot(geometry.columns(x, index).astype(product_dtype), matrix,
-                       preferred_element_type=jnp.float32)
+    columns = geometry.columns(x, index, _column_dtype(product_dtype))
+    products = jnp.dot(_operand(columns), matrix, preferred_element_type=jnp.float32)
     products = products.reshape(x.shape[0], geometry.length, kh * kw, features)
     return geometry.crop(sum(products[:, offset:offset + geometry.block_rows, tap]
                              for tap, offset in enumerate(geometry.in_plane_offsets)))
@@ -306,13 +307,14 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   geometry = _FlatGeometry(x.shape, kernel_shape, dilation, padding)
   kd, kh, kw, channels, features = kernel_shape
   product_dtype = _product_dtype(x, cotangent)
+  column_dtype = _column_dtype(product_dtype)
 
   def add_block(total, index):
     windows = _windows_to_multiply(
-        [(geometry.placed(cotangent, index), geometry.in_plane_offsets)], geometry.tap_window,
-        product_dtype, _join_channels)
+        [(geometry.placed(cotangent, index, column_dtype), geometry.in_plane_offsets)],
+        geometry.tap_window, _join_channels)
     columns = _transposed(
-        geometry.columns(x, index).astype(product_dtype).reshape(-1, kd * channels))
+        _operand(geometry.columns(x, index, column_dtype)).reshape(-1, kd * channels))
     return total + _window_products(columns, windows), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
@@ -325,26 +327,24 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
 WINDOW_PRODUCT_MIN_FEATURES = 64
 
 
-def _windows_to_multiply(sources, tap_window, product_dtype, join):
+def _windows_to_multiply(sources, tap_window, join):
   """The windows of placed cotangents (`sources`: (placed, row offsets) pairs, `tap_window`
-  reads one) that a kernel gradient's columns multiply, as products to make
-  (`_window_products`), in `product_dtype`.
+  reads one, placed in `_column_dtype`) that a kernel gradient's columns multiply, as the
+  operands of the products to make (`_window_products`).
 
-  In bfloat16 one product per window, read where it lies: joining the windows copies the
-  cotangent once per window per block (96^3 bfloat16 step 12.17 -> 10.60 s, A/B), at
+  For bfloat16 products one product per window, read where it lies: joining the windows copies
+  the cotangent once per window per block (96^3 bfloat16 step 12.17 -> 10.60 s, A/B), at
   WINDOW_PRODUCT_MIN_FEATURES channels or more (narrower products are slow: demo config, 8-32
   channels, 0.109 -> 0.121 s per step). Otherwise one product with the windows joined by
-  `join` in IM2COL_DTYPE (float32 per window: 96^3 step 16.8 -> 18.5 s, Eigen repacks the
-  transposed left operand per product; bfloat16 joins are slow on XLA:CPU).
+  `join` (float32 per window: 96^3 step 16.8 -> 18.5 s, Eigen repacks the transposed left
+  operand per product).
   """
-  if product_dtype == jnp.bfloat16 and sources[0][0].shape[-1] >= WINDOW_PRODUCT_MIN_FEATURES:
-    windows = []
-    for placed, offsets in sources:
-      placed = placed.astype(product_dtype)  # once per placed map, not per window
-      windows += [tap_window(placed, offset) for offset in offsets]
-    return windows
-  return [join([tap_window(placed, offset) for placed, offsets in sources
-                for offset in offsets]).astype(product_dtype)]
+  placed = sources[0][0]
+  if placed.dtype == jnp.uint16 and placed.shape[-1] >= WINDOW_PRODUCT_MIN_FEATURES:
+    return [tap_window(_operand(placed), offset) for placed, offsets in sources
+            for offset in offsets]
+  return [_operand(join([tap_window(placed, offset) for placed, offsets in sources
+                         for offset in offsets]))]
 
 
 def _window_products(columns, windows):
@@ -369,8 +369,26 @@ def _transposed(matrix):
   return jnp.swapaxes(matrix[:, :, None], 0, 2).reshape(columns, rows)
 
 
-def _sliced_as_bits(x, slice_fn):
-  """slice_fn(x), a dynamic slice or gather, taken from a bfloat16 x's bits (uint16).
+def _column_dtype(product_dtype):
+  """What 'flat' builds columns (and placed cotangents) in for products in `product_dtype`:
+  IM2COL_DTYPE for float32 products; for bfloat16 ones the bfloat16 bits (uint16), which the
+  gathers, selects, pads and joins of a build move as they are, where XLA:CPU computes
+  bfloat16 selects and pads through float32 (5x slower than float32) and a float32 build needs
+  a conversion pass before the product (96^3 x 64 layer, forward+backward: 0.91 -> 0.81-0.84 s;
+  demo step 0.129 -> 0.113 s, A/B)."""
+  return jnp.uint16 if product_dtype == jnp.bfloat16 else IM2COL_DTYPE
+
+
+def _operand(columns):
+  """Columns built in `_column_dtype` as a product's operand: bits read as bfloat16."""
+  if columns.dtype == jnp.uint16:
+    return jax.lax.bitcast_convert_type(columns, jnp.bfloat16)
+  return columns
+
+
+def _sliced_as_bits(x, slice_fn, keep_bits=False):
+  """slice_fn(x), a dynamic slice or gather, taken from a bfloat16 x's bits (uint16; returned
+  as bits with `keep_bits`).
 
   XLA:CPU has no bfloat16 dynamic slice or gather: it converts the array to float32 around
   them, and inside a loop over blocks that conversion of the loop-invariant array is hoisted:
@@ -380,16 +398,17 @@ def _sliced_as_bits(x, slice_fn):
   if x.dtype != jnp.bfloat16:
     return slice_fn(x)
   bits = slice_fn(jax.lax.bitcast_convert_type(x, jnp.uint16))
-  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+  return bits if keep_bits else jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _depth_slab(x, first, count, in_plane_padding):
+def _depth_slab(x, first, count, in_plane_padding, dtype=IM2COL_DTYPE):
   """Depth slices first .. first + count - 1 of x, zeros where they fall outside it (the depth
-  padding), padded in-plane, in IM2COL_DTYPE: one block's input, without a padded copy of x."""
+  padding), padded in-plane, in `dtype` (`_column_dtype`): one block's input, without a padded
+  copy of x."""
   depths = first + jnp.arange(count)
   inside = (depths >= 0) & (depths < x.shape[1])
   slab = _sliced_as_bits(x, lambda a: jnp.take(a, jnp.clip(depths, 0, x.shape[1] - 1),
-                                               axis=1)).astype(IM2COL_DTYPE)
+                                               axis=1), dtype == jnp.uint16).astype(dtype)
   slab = jnp.where(inside[None, :, None, None, None], slab, 0)
   return jnp.pad(slab, ((0, 0), (0, 0), *in_plane_padding, (0, 0)))
 
@@ -709,22 +728,23 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
   channels, features = x.shape[-1], kernels_shape[-1]
   geometry = _upsampled_geometry(x.shape, 32 * features)
   product_dtype = _product_dtype(x, phases)
+  column_dtype = _column_dtype(product_dtype)
 
   def add_block(total, index):
-    rows = geometry.rows(x, index)
+    rows = geometry.rows(x, index, column_dtype)
     products = []
     for p in (0, 1):
-      sources = [(geometry.placed(phases[p, q, r], index),
+      sources = [(geometry.placed(phases[p, q, r], index, column_dtype),
                   [geometry.in_plane_offset(q + b, r + c) for b, c in np.ndindex(2, 2)])
                  for q, r in np.ndindex(2, 2)]
       # 16 windows: one concatenation pass joins them faster than `_join_channels`'s sum of
       # padded parts, whose every element tests each part (kernel gradient at 48^3: 0.51 vs
       # 0.91 s).
-      windows = _windows_to_multiply(sources, geometry.tap_window, product_dtype,
+      windows = _windows_to_multiply(sources, geometry.tap_window,
                                      functools.partial(jnp.concatenate, axis=-1))
       columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
       products.append(_window_products(
-          _transposed(columns.astype(product_dtype).reshape(-1, 2 * channels)), windows))
+          _transposed(_operand(columns).reshape(-1, 2 * channels)), windows))
     return total + jnp.stack(products), None
 
   total, _ = jax.lax.scan(add_block,

@@ -426,6 +426,31 @@ def test_bfloat16_products_are_not_upcast_by_the_compiler(monkeypatch, min_featu
       ('bf16', 'bf16')] * 2
 
 
+@pytest.mark.parametrize('min_features', [1, None])  # kernel gradients per window, or joined
+def test_bfloat16_columns_are_built_from_bits_never_widened(monkeypatch, min_features):
+  # XLA:CPU computes bfloat16 selects and pads through float32, and columns built in float32
+  # take a conversion pass back before a bfloat16 product: bfloat16 columns move as bits.
+  if min_features:
+    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', min_features)
+  x = jnp.ones((1, 6, 6, 6, 8), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3, 8, 8), jnp.bfloat16)
+
+  def widenings(fn, *args):
+    return [eqn for eqn in _equations('convert_element_type', fn, *args)
+            if (eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype) == (jnp.bfloat16,
+                                                                           jnp.float32)]
+
+  def loss(x, kernel):
+    return jnp.sum(layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat').astype(jnp.float32))
+
+  assert len(widenings(jax.grad(loss, (0, 1)), x, kernel)) == 1  # the loss's own
+  # The decoder's kernel gradient (its forward and input gradient multiply float32 phase kernels).
+  phases = layers._deinterleave_phases(jnp.ones((1, 12, 12, 12, 8), jnp.bfloat16))  # pylint: disable=protected-access
+  assert not widenings(
+      lambda x, phases: layers._upsampled_flat_kernel_gradient(x, phases, (2,) * 6 + (8, 8)),  # pylint: disable=protected-access
+      x, phases)
+
+
 def test_bfloat16_block_loops_carry_no_float32_copy_of_their_maps(monkeypatch):
   # XLA:CPU converts a bfloat16 dynamic slice or gather to float32 and hoists the conversion
   # of the loop-invariant map out of the loop; `_sliced_as_bits` slices the bits instead.
