@@ -29,6 +29,17 @@ CONV_IMPLS = ('auto', 'lax', 'depth2d', 'im2col', 'hybrid', 'flat')
 # 'hybrid' ('im2col' forward, native transposed convolution for the input gradient) were the
 # large-map choices before 'flat' and remain selectable.
 DEPTH2D_STACK_LIMIT_BYTES = 32 * 2**20
+# Above this many kernel elements per input element (taps x filters per voxel: the bridge and
+# the ASPP on 6^3-8^3 maps at paper widths) 'auto' on CPU picks 'im2col' in float32, which
+# multiplies the kernel as it lies: 'depth2d' and 'flat' rearrange it (forward, input and kernel
+# gradient), which there costs more than the products. Forward+backward, 'depth2d' -> 'im2col':
+# 6^3 x 1024 -> 1024 filters (ratio 128) 0.301 -> 0.118 s; 8^3 (54) 0.396 -> 0.221 s; ASPP 8^3
+# x 1024 -> 256, dilation 6 (13.5) 0.096 -> 0.088 s; kept: 12^3 x 512 -> 512 (8) 0.175 vs
+# 0.181 s; 96^3 float32 step 17.55 -> 17.11 s (A/B). Not in bfloat16: 'im2col' computes in
+# float32 and keeps a float32 copy of the kernel for the backward pass (96^3 bfloat16 step
+# 10.33 -> 10.21 s, within the noise, peak RSS 8.68 -> 8.96 GiB), although the layers alone
+# gain ('flat' -> 'im2col' 6^3 0.202 -> 0.137 s, 8^3 0.299 -> 0.224 s).
+IM2COL_MIN_KERNEL_PER_INPUT = 10
 # 'im2col' builds the column matrix of this many bytes at most at a time (whole depth slices):
 # one slice of a 128^3 x 64-filter map is 113 MiB of columns.
 IM2COL_BLOCK_BYTES = 128 * 2**20
@@ -50,10 +61,11 @@ def _product_dtype(*operands):
   return jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in operands) else IM2COL_DTYPE
 
 
-def resolve_conv_impl(conv_impl, stacked_bytes=0, dtype=jnp.float32):
+def resolve_conv_impl(conv_impl, stacked_bytes=0, dtype=jnp.float32, kernel_per_input=0):
   """'auto' -> 'lax' (one native 3D convolution) on GPU/TPU; on CPU 'flat' in bfloat16, else
-  'depth2d' or 'flat' by the layer's depth-stacked copy size `stacked_bytes`
-  (DEPTH2D_STACK_LIMIT_BYTES).
+  'im2col' for a kernel of more than IM2COL_MIN_KERNEL_PER_INPUT elements per input element
+  (`kernel_per_input`), else 'depth2d' or 'flat' by the layer's depth-stacked copy size
+  `stacked_bytes` (DEPTH2D_STACK_LIMIT_BYTES).
 
   In bfloat16 'flat' at every size: XLA:CPU computes a bfloat16 convolution ('depth2d') in
   float32 between conversions, while 'flat' multiplies bfloat16 operands (`_product_dtype`);
@@ -65,7 +77,11 @@ def resolve_conv_impl(conv_impl, stacked_bytes=0, dtype=jnp.float32):
   if conv_impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'lax'
-    if jnp.dtype(dtype) == jnp.bfloat16 or stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES:
+    if jnp.dtype(dtype) == jnp.bfloat16:
+      return 'flat'
+    if kernel_per_input > IM2COL_MIN_KERNEL_PER_INPUT:
+      return 'im2col'
+    if stacked_bytes > DEPTH2D_STACK_LIMIT_BYTES:
       return 'flat'
     return 'depth2d'
   return conv_impl
@@ -81,7 +97,7 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   (`_hybrid_conv`). 'flat' computes it as products on the flattened padded map (`_flat_conv`).
   """
   stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
-  impl = resolve_conv_impl(conv_impl, stacked_bytes, x.dtype)
+  impl = resolve_conv_impl(conv_impl, stacked_bytes, x.dtype, kernel.size / x.size)
   padding = tuple(tuple(pair) for pair in padding)  # hashable: a custom VJP's static argument
   if impl == 'lax':
     return _native_conv(x, kernel, dilation, padding)

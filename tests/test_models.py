@@ -306,9 +306,17 @@ def test_auto_conv_impl_is_depth2d_or_flat_on_cpu_and_lax_elsewhere(monkeypatch)
   assert layers.resolve_conv_impl('auto', 0, jnp.bfloat16) == 'flat'
   assert layers.resolve_conv_impl('auto', 0, jnp.float32) == 'depth2d'
   assert layers.resolve_conv_impl('depth2d', 0, jnp.bfloat16) == 'depth2d'
+  # A kernel that outweighs its input map (the bridge): 'im2col' in float32.
+  heavy = layers.IM2COL_MIN_KERNEL_PER_INPUT
+  assert layers.resolve_conv_impl('auto', 0, jnp.float32, heavy + 1) == 'im2col'
+  assert layers.resolve_conv_impl('auto', 100 * depth2d_limit, jnp.float32, heavy + 1) == 'im2col'
+  assert layers.resolve_conv_impl('auto', 0, jnp.float32, heavy) == 'depth2d'
+  assert layers.resolve_conv_impl('auto', 0, jnp.bfloat16, heavy + 1) == 'flat'
+  assert layers.resolve_conv_impl('flat', 0, jnp.float32, heavy + 1) == 'flat'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_impl('auto') == 'lax'
   assert layers.resolve_conv_impl('auto', 0, jnp.bfloat16) == 'lax'
+  assert layers.resolve_conv_impl('auto', 0, jnp.bfloat16, heavy + 1) == 'lax'
   assert layers.resolve_conv_impl('depth2d') == 'depth2d'
 
 
@@ -489,6 +497,16 @@ def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
   assert _spatial_ranks_of_convolutions(conv, x, kernel) == []
   assert _spatial_ranks_of_convolutions(gradient, x, kernel) == []
   assert len(flat_calls) == 2
+  # A kernel of more than IM2COL_MIN_KERNEL_PER_INPUT elements per input element: 'im2col'.
+  im2col_calls = []
+  im2col_conv = layers._im2col_conv  # pylint: disable=protected-access
+  monkeypatch.setattr(layers, '_im2col_conv',
+                      lambda *args: im2col_calls.append(1) or im2col_conv(*args))
+  small_map = jnp.ones((1, 2, 2, 2, 4), jnp.float32)
+  heavy_kernel = jnp.ones((3, 3, 3, 4, 8), jnp.float32)  # 27 x 8 elements per input voxel
+  assert heavy_kernel.size / small_map.size > layers.IM2COL_MIN_KERNEL_PER_INPUT
+  assert _spatial_ranks_of_convolutions(gradient, small_map, heavy_kernel) == []
+  assert len(im2col_calls) == 1 and len(flat_calls) == 2
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
