@@ -35,10 +35,10 @@ DEPTH2D_STACK_LIMIT_BYTES = 32 * 2**20
 # gradient), which there costs more than the products. Forward+backward, 'depth2d' -> 'im2col':
 # 6^3 x 1024 -> 1024 filters (ratio 128) 0.301 -> 0.118 s; 8^3 (54) 0.396 -> 0.221 s; ASPP 8^3
 # x 1024 -> 256, dilation 6 (13.5) 0.096 -> 0.088 s; kept: 12^3 x 512 -> 512 (8) 0.175 vs
-# 0.181 s; 96^3 float32 step 17.55 -> 17.11 s (A/B). Not in bfloat16: 'im2col' computes in
-# float32 and keeps a float32 copy of the kernel for the backward pass (96^3 bfloat16 step
-# 10.33 -> 10.21 s, within the noise, peak RSS 8.68 -> 8.96 GiB), although the layers alone
-# gain ('flat' -> 'im2col' 6^3 0.202 -> 0.137 s, 8^3 0.299 -> 0.224 s).
+# 0.181 s; 96^3 float32 step 17.55 -> 17.11 s (A/B). Not in bfloat16, where 'im2col' computes
+# in float32: the layers alone gain ('flat' -> 'im2col' 6^3 0.202 -> 0.137 s, 8^3 0.299 ->
+# 0.224 s) but the 96^3 step did not measurably (10.33 -> 10.21 s, within the noise) and its
+# peak RSS rose 8.68 -> 8.96 GiB.
 IM2COL_MIN_KERNEL_PER_INPUT = 10
 # 'im2col' builds the column matrix of this many bytes at most at a time (whole depth slices):
 # one slice of a 128^3 x 64-filter map is 113 MiB of columns.
@@ -348,8 +348,8 @@ def _windows_to_multiply(sources, tap_window, join):
   reads one, placed in `_column_dtype`) that a kernel gradient's columns multiply, as the
   operands of the products to make (`_window_products`).
 
-  For bfloat16 products one product per window, read where it lies: joining the windows copies
-  the cotangent once per window per block (96^3 bfloat16 step 12.17 -> 10.60 s, A/B), at
+  For bfloat16 products one product per window (XLA:CPU copies each window for its product;
+  joining them in one more pass cost more: 96^3 bfloat16 step 12.17 -> 10.60 s, A/B), at
   WINDOW_PRODUCT_MIN_FEATURES channels or more (narrower products are slow: demo config, 8-32
   channels, 0.109 -> 0.121 s per step). Otherwise one product with the windows joined by
   `join` (float32 per window: 96^3 step 16.8 -> 18.5 s, Eigen repacks the transposed left
