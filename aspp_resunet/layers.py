@@ -242,8 +242,8 @@ class _FlatGeometry:
     placement = ((0, 0), (self.tail_planes,) * 2, (0, self.grid_height - self.out_shape[1]),
                  (0, self.grid_width - self.out_shape[2]), (0, 0))
     block = _sliced_as_bits(outputs, lambda a: jax.lax.dynamic_slice_in_dim(
-        a, index * self.block, self.block, 1), dtype == jnp.uint16)
-    return jnp.pad(block.astype(dtype), placement).reshape(
+        a, index * self.block, self.block, 1), dtype)
+    return jnp.pad(block, placement).reshape(
         outputs.shape[0], -1, outputs.shape[-1])
 
   def tap_window(self, placed, offset):
@@ -322,8 +322,7 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
   offset (`_window_products`), summed over blocks in IM2COL_DTYPE."""
   geometry = _FlatGeometry(x.shape, kernel_shape, dilation, padding)
   kd, kh, kw, channels, features = kernel_shape
-  product_dtype = _product_dtype(x, cotangent)
-  column_dtype = _column_dtype(product_dtype)
+  column_dtype = _column_dtype(_product_dtype(x, cotangent))
 
   def add_block(total, index):
     windows = _windows_to_multiply(
@@ -402,19 +401,21 @@ def _operand(columns):
   return columns
 
 
-def _sliced_as_bits(x, slice_fn, keep_bits=False):
-  """slice_fn(x), a dynamic slice or gather, taken from a bfloat16 x's bits (uint16; returned
-  as bits with `keep_bits`).
+def _sliced_as_bits(x, slice_fn, dtype=None):
+  """slice_fn(x), a dynamic slice or gather, in `dtype` (default x's; uint16: a bfloat16 x's
+  bits as they are), taken from a bfloat16 x's bits (uint16).
 
   XLA:CPU has no bfloat16 dynamic slice or gather: it converts the array to float32 around
   them, and inside a loop over blocks that conversion of the loop-invariant array is hoisted:
   a float32 copy of the whole map, kept alive through the loop, per convolution (0.25 s for a
   96^3 x 64 map, first touch of new memory). Bits are sliced as they are.
   """
+  dtype = x.dtype if dtype is None else dtype
   if x.dtype != jnp.bfloat16:
-    return slice_fn(x)
+    return slice_fn(x).astype(dtype)
   bits = slice_fn(jax.lax.bitcast_convert_type(x, jnp.uint16))
-  return bits if keep_bits else jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+  return bits if dtype == jnp.uint16 else jax.lax.bitcast_convert_type(
+      bits, jnp.bfloat16).astype(dtype)
 
 
 def _depth_slab(x, first, count, in_plane_padding, dtype=IM2COL_DTYPE):
@@ -424,7 +425,7 @@ def _depth_slab(x, first, count, in_plane_padding, dtype=IM2COL_DTYPE):
   depths = first + jnp.arange(count)
   inside = (depths >= 0) & (depths < x.shape[1])
   slab = _sliced_as_bits(x, lambda a: jnp.take(a, jnp.clip(depths, 0, x.shape[1] - 1),
-                                               axis=1), dtype == jnp.uint16).astype(dtype)
+                                               axis=1), dtype)
   slab = jnp.where(inside[None, :, None, None, None], slab, 0)
   return jnp.pad(slab, ((0, 0), (0, 0), *in_plane_padding, (0, 0)))
 
@@ -743,8 +744,7 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
   in IM2COL_DTYPE."""
   channels, features = x.shape[-1], kernels_shape[-1]
   geometry = _upsampled_geometry(x.shape, 32 * features)
-  product_dtype = _product_dtype(x, phases)
-  column_dtype = _column_dtype(product_dtype)
+  column_dtype = _column_dtype(_product_dtype(x, phases))
 
   def add_block(total, index):
     rows = geometry.rows(x, index, column_dtype)
