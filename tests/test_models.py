@@ -364,6 +364,15 @@ def _spatial_ranks_of_convolutions(fn, *args):
                 for eqn in _equations('conv_general_dilated', fn, *args))
 
 
+@pytest.fixture(params=['per window', 'joined'])
+def kernel_gradient_form(request, monkeypatch):
+  """'flat' bfloat16 kernel gradients with one product per tap window (WINDOW_PRODUCT_MIN_FEATURES
+  lowered to 1: the tests' layers are narrow) or with the windows joined (the default there)."""
+  if request.param == 'per window':
+    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', 1)
+  return request.param
+
+
 # The dtypes of the products (forward; input gradient: cotangent x kernel; kernel gradient:
 # input x cotangent, in bfloat16 one per in-plane tap): bfloat16 exactly where both operands
 # hold bfloat16 values, where converting the float32 columns back is exact (the cotangent has
@@ -372,12 +381,9 @@ def _spatial_ranks_of_convolutions(fn, *args):
     (jnp.bfloat16, jnp.bfloat16, 'bfloat16', 'bfloat16', 'bfloat16'),
     (jnp.bfloat16, jnp.float32, 'float32', 'float32', 'bfloat16'),
     (jnp.float32, jnp.float32, 'float32', 'float32', 'float32')])
-@pytest.mark.parametrize('min_features', [1, None])  # per tap window at 2 channels, or joined
 def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(
-    monkeypatch, x_dtype, kernel_dtype, forward, input_gradient, kernel_gradient, min_features):
-  if min_features:
-    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', min_features)
-  per_window = kernel_gradient == 'bfloat16' and min_features
+    x_dtype, kernel_dtype, forward, input_gradient, kernel_gradient, kernel_gradient_form):
+  per_window = kernel_gradient == 'bfloat16' and kernel_gradient_form == 'per window'
   product_dtypes = sorted([forward, input_gradient] + [kernel_gradient] * (9 if per_window else 1))
   x = jnp.ones((1, 4, 4, 4, 3), x_dtype)
   kernel = jnp.ones((3, 3, 3, 3, 2), kernel_dtype)
@@ -402,10 +408,8 @@ def _compiled_dot_operand_dtypes(fn, *args):
   return sorted((types[lhs], types[rhs]) for lhs, rhs in operands)
 
 
-@pytest.mark.parametrize('min_features', [1, None])  # kernel gradients per window, or joined
-def test_bfloat16_products_are_not_upcast_by_the_compiler(monkeypatch, min_features):
-  if min_features:
-    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', min_features)
+@pytest.mark.usefixtures('kernel_gradient_form')
+def test_bfloat16_products_are_not_upcast_by_the_compiler():
   # XLA:CPU runs a bfloat16 product in float32 between conversions when its left operand is
   # transposed (the kernel gradients' columns: `_transposed` gives a row-major copy) or its
   # result is bfloat16 (1x1x1 convolutions: `_pointwise_product` asks for float32).
@@ -434,12 +438,10 @@ def test_bfloat16_products_are_not_upcast_by_the_compiler(monkeypatch, min_featu
       ('bf16', 'bf16')] * 2
 
 
-@pytest.mark.parametrize('min_features', [1, None])  # kernel gradients per window, or joined
-def test_bfloat16_columns_are_built_from_bits_never_widened(monkeypatch, min_features):
+@pytest.mark.usefixtures('kernel_gradient_form')
+def test_bfloat16_columns_are_built_from_bits_never_widened():
   # XLA:CPU computes bfloat16 selects and pads through float32, and columns built in float32
   # take a conversion pass back before a bfloat16 product: bfloat16 columns move as bits.
-  if min_features:
-    monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', min_features)
   x = jnp.ones((1, 6, 6, 6, 8), jnp.bfloat16)
   kernel = jnp.ones((3, 3, 3, 8, 8), jnp.bfloat16)
 
