@@ -295,7 +295,7 @@ def _flat_conv_output(x, kernel, dilation, padding):
     return geometry.crop(sum(products[:, offset:offset + geometry.block_rows, tap]
                              for tap, offset in enumerate(geometry.in_plane_offsets)))
 
-  return _map_depth_blocks(block_output, geometry.count).astype(x.dtype)
+  return _map_depth_blocks(block_output, geometry.count, x.dtype)
 
 
 def _flat_conv_forward(x, kernel, dilation, padding):
@@ -489,10 +489,25 @@ def _columns_product(views, matrix):
   return product.astype(views[0].dtype).reshape(*views[0].shape[:-1], matrix.shape[1])
 
 
-def _map_depth_blocks(block_fn, count):
+def _map_depth_blocks(block_fn, count, dtype=None):
   """Runs `block_fn(i)` -> (batch, block depth, ...) for i < count in a loop (one block's
-  buffers live at a time) and joins the blocks along depth."""
-  blocks = jax.lax.map(block_fn, jnp.arange(count))
+  buffers live at a time) and joins the blocks along depth, in `dtype` (default: as returned).
+
+  With a `dtype` each block is converted in the loop (converted after it, a bfloat16 map is
+  first written whole in float32, into a zero-filled buffer, and read again), and bfloat16
+  blocks are stored as their bits (uint16), which XLA:CPU writes into the loop's output as
+  they are, where it writes bfloat16 through float32 (96^3 x 64 'flat' forward: 0.42 s
+  converted after the loop, 0.70 s bfloat16 blocks, 0.40 s bits; 96^3 bfloat16 step, A/B:
+  10.91 -> 10.47 s, peak RSS 8.73 -> 8.53 GiB). Bits carry no gradient: only the custom-vjp
+  paths ('flat') pass a `dtype`.
+  """
+  if dtype == jnp.bfloat16:
+    blocks = jax.lax.bitcast_convert_type(jax.lax.map(
+        lambda index: jax.lax.bitcast_convert_type(block_fn(index).astype(dtype), jnp.uint16),
+        jnp.arange(count)), dtype)
+  else:
+    blocks = jax.lax.map(block_fn if dtype is None else
+                         lambda index: block_fn(index).astype(dtype), jnp.arange(count))
   return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], -1, *blocks.shape[3:])
 
 
@@ -694,7 +709,7 @@ def _upsampled_flat_output(x, kernels):
             for offset, b, c in offsets)))
     return _interleave_phases(jnp.stack(phases))
 
-  return _map_depth_blocks(block_output, geometry.count).astype(x.dtype)
+  return _map_depth_blocks(block_output, geometry.count, x.dtype)
 
 
 def _upsampled_flat_forward(x, kernels):
@@ -704,14 +719,14 @@ def _upsampled_flat_forward(x, kernels):
 def _upsampled_flat_backward(residuals, cotangent):
   x, kernels = residuals
   phases = _deinterleave_phases(cotangent)  # one copy, read by both gradients
-  return (_upsampled_flat_input_gradient(phases, kernels, x.shape).astype(x.dtype),
+  return (_upsampled_flat_input_gradient(phases, kernels, x.shape, x.dtype),
           _upsampled_flat_kernel_gradient(x, phases, kernels.shape).astype(kernels.dtype))
 
 
 _upsampled_flat_conv.defvjp(_upsampled_flat_forward, _upsampled_flat_backward)
 
 
-def _upsampled_flat_input_gradient(phases, kernels, coarse_shape):
+def _upsampled_flat_input_gradient(phases, kernels, coarse_shape, dtype):
   """x's gradient: input (i, j, k) receives kernel (p, q, r, a, b, c) times the cotangent's
   phase (p, q, r) at (i + 1 - p - a, j + 1 - q - b, k + 1 - r - c), i.e. at padded depth
   offset 2 - p - a and in-plane offset (2 - q - b, 2 - r - c) on the same padded grid."""
@@ -734,7 +749,7 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape):
         total = total + products[:, offset:offset + geometry.block_rows, b, c]
     return geometry.crop(total)
 
-  return _map_depth_blocks(block_output, geometry.count)
+  return _map_depth_blocks(block_output, geometry.count, dtype)
 
 
 def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):

@@ -461,6 +461,22 @@ def test_bfloat16_columns_are_built_from_bits_never_widened():
       x, phases)
 
 
+def test_bfloat16_flat_loops_write_their_blocks_as_bits():
+  # XLA:CPU writes a bfloat16 block into a loop's output through float32, and a float32 output
+  # converted after the loop is one more pass over a float32 map: blocks are written as bits.
+  x, kernel = jnp.ones((1, 6, 6, 6, 8), jnp.bfloat16), jnp.ones((3, 3, 3, 8, 8), jnp.bfloat16)
+
+  def loss(x, kernel):
+    y = layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat')
+    return jnp.sum(layers._upsampled_conv(y, kernel, 'flat').astype(jnp.float32))  # pylint: disable=protected-access
+
+  block_outputs = [var.aval.dtype
+                   for eqn in _equations('scan', jax.grad(loss, (0, 1)), x, kernel)
+                   for var in eqn.outvars[eqn.params['num_carry']:]]
+  # The forward and the input gradient of both convolutions (kernel gradients carry a sum).
+  assert block_outputs == [jnp.uint16] * 4
+
+
 def test_bfloat16_block_loops_carry_no_float32_copy_of_their_maps(monkeypatch):
   # XLA:CPU converts a bfloat16 dynamic slice or gather to float32 and hoists the conversion
   # of the loop-invariant map out of the loop; `_sliced_as_bits` slices the bits instead.
