@@ -890,12 +890,42 @@ def make_norm(kind, train, dtype, name, momentum=BATCH_NORM_MOMENTUM):
   raise ValueError(f'norm must be one of {NORMS}, got {kind!r}')
 
 
+def _channel_sums(terms, *maps):
+  """Per-channel sums (over all axes but the last) of each float32 map in terms(*maps).
+
+  On CPU the sums are taken over depth slices in a loop, each slice's terms made where they are
+  read (bfloat16 slices converted there): XLA:CPU sums a whole map with YNNPACK, which takes a
+  materialised input, so each sum of a converted map or of a product of maps first writes a
+  float32 map of its own. BatchNorm forward+backward at 96^3 x 64: bfloat16 0.150 -> 0.069 s,
+  float32 0.093 -> 0.087 s; 96^3 step, A/B: bfloat16 10.82 -> 10.67 s, peak RSS 8.35 -> 7.57
+  GiB; float32 18.36 -> 17.43 s, 9.30 -> 7.57 GiB.
+  """
+  axes = tuple(range(maps[0].ndim - 1))
+  if maps[0].ndim < 3 or jax.default_backend() != 'cpu':
+    return [term.sum(axes) for term in terms(*maps)]
+
+  def slice_sums(index):
+    slices = [_sliced_as_bits(m, lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1),
+                              jnp.float32) for m in maps]
+    return [term.sum(axes) for term in terms(*slices)]
+
+  totals, _ = jax.lax.scan(lambda totals, index: ([
+      total + part for total, part in zip(totals, slice_sums(index))], None),
+                           slice_sums(0), jnp.arange(1, maps[0].shape[1]))
+  return totals
+
+
 def _batch_statistics(x):
   """Per-channel mean and variance (E[x^2] - E[x]^2, clipped at 0) of x, in float32."""
-  axes = tuple(range(x.ndim - 1))
-  x = x.astype(jnp.float32)
-  mean = x.mean(axes)
-  return mean, jnp.maximum(0.0, (x * x).mean(axes) - mean * mean)
+
+  def moments(x):
+    x = x.astype(jnp.float32)
+    return x, x * x
+
+  total, total_of_squares = _channel_sums(moments, x)
+  count = np.prod(x.shape[:-1])
+  mean = total / count
+  return mean, jnp.maximum(0.0, total_of_squares / count - mean * mean)
 
 
 def _normalise(x, mean, var, scale, bias, epsilon, dtype):
@@ -915,13 +945,15 @@ def _batch_norm_backward(epsilon, dtype, residuals, cotangents):
   del dtype
   x, mean, var, scale = residuals
   output_cotangent, mean_cotangent, var_cotangent = cotangents
-  axes = tuple(range(x.ndim - 1))
   count = np.prod(x.shape[:-1])
   inverse_std = jax.lax.rsqrt(var + epsilon)
+  bias_gradient, centred_gradient = _channel_sums(
+      lambda g, x: (g.astype(jnp.float32),
+                    g.astype(jnp.float32) * (x.astype(jnp.float32) - mean)),
+      output_cotangent, x)
+  normalised_gradient = centred_gradient * inverse_std  # = the scale's gradient
   g = output_cotangent.astype(jnp.float32)
   centred = x.astype(jnp.float32) - mean
-  bias_gradient = g.sum(axes)
-  normalised_gradient = (g * centred).sum(axes) * inverse_std  # = the scale's gradient
   x_gradient = (scale * inverse_std * (
       g - (bias_gradient + centred * inverse_std * normalised_gradient) / count)
                 # The statistics' own cotangents (zero when they only feed the running averages);
