@@ -907,12 +907,14 @@ def _channel_sums(terms, *maps):
   def slice_sums(index):
     slices = [_sliced_as_bits(m, lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1),
                               jnp.float32) for m in maps]
-    return [term.sum(axes) for term in terms(*slices)]
+    return [term.sum(axes[1:]) for term in terms(*slices)]
 
+  # Per example until after the loop: with the batch split over devices, the loop's sums stay
+  # on each device and the devices' totals are added once.
   totals, _ = jax.lax.scan(lambda totals, index: ([
       total + part for total, part in zip(totals, slice_sums(index))], None),
                            slice_sums(0), jnp.arange(1, maps[0].shape[1]))
-  return totals
+  return [total.sum(0) for total in totals]
 
 
 def _batch_statistics(x):

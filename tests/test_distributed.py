@@ -105,8 +105,11 @@ def test_two_processes_match_one_process_and_resume(single_process_run, tmp_path
   single_step, single_leaves = _final_params(single)
   multi_step, multi_leaves = _final_params(multi)
   assert single_step == multi_step == STEPS
+  # Equal up to the order in which the 4 devices' partial sums are added (in process vs gloo),
+  # which Adam's first steps amplify where a gradient is near 0: up to 2.5e-6 measured before
+  # BatchNorm summed over depth slices, 1.6e-5 after (steps move parameters by ~1e-3).
   for a, b in zip(single_leaves, multi_leaves):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
   # The parameters moved: the comparison is not between two initialisations.
   init_config = eval_lib.load_workdir_config(single)
   initial = train_lib.create_train_state(init_config, models.create_model(init_config.model),
