@@ -891,7 +891,8 @@ def make_norm(kind, train, dtype, name, momentum=BATCH_NORM_MOMENTUM):
 
 
 def _channel_sums(terms, *maps):
-  """Per-channel sums (over all axes but the last) of each float32 map in terms(*maps).
+  """Per-channel sums (over all axes but the last) of each map in terms(*maps), the maps (or
+  their slices) handed to `terms` in float32.
 
   On CPU the sums are taken over depth slices in a loop, each slice's terms made where they are
   read (bfloat16 slices converted there): XLA:CPU sums a whole map with YNNPACK, which takes a
@@ -902,7 +903,7 @@ def _channel_sums(terms, *maps):
   """
   axes = tuple(range(maps[0].ndim - 1))
   if maps[0].ndim < 3 or jax.default_backend() != 'cpu':
-    return [term.sum(axes) for term in terms(*maps)]
+    return [term.sum(axes) for term in terms(*(m.astype(jnp.float32) for m in maps))]
 
   def slice_sums(index):
     slices = [_sliced_as_bits(m, lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1),
@@ -920,11 +921,7 @@ def _channel_sums(terms, *maps):
 def _batch_statistics(x):
   """Per-channel mean and variance (E[x^2] - E[x]^2, clipped at 0) of x, in float32."""
 
-  def moments(x):
-    x = x.astype(jnp.float32)
-    return x, x * x
-
-  total, total_of_squares = _channel_sums(moments, x)
+  total, total_of_squares = _channel_sums(lambda x: (x, x * x), x)
   count = np.prod(x.shape[:-1])
   mean = total / count
   return mean, jnp.maximum(0.0, total_of_squares / count - mean * mean)
@@ -949,10 +946,8 @@ def _batch_norm_backward(epsilon, dtype, residuals, cotangents):
   output_cotangent, mean_cotangent, var_cotangent = cotangents
   count = np.prod(x.shape[:-1])
   inverse_std = jax.lax.rsqrt(var + epsilon)
-  bias_gradient, centred_gradient = _channel_sums(
-      lambda g, x: (g.astype(jnp.float32),
-                    g.astype(jnp.float32) * (x.astype(jnp.float32) - mean)),
-      output_cotangent, x)
+  bias_gradient, centred_gradient = _channel_sums(lambda g, x: (g, g * (x - mean)),
+                                                  output_cotangent, x)
   normalised_gradient = centred_gradient * inverse_std  # = the scale's gradient
   g = output_cotangent.astype(jnp.float32)
   centred = x.astype(jnp.float32) - mean
