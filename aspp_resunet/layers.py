@@ -96,8 +96,7 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
   at a time (see `_im2col_conv`). 'hybrid' is 'im2col' differentiated with less memory
   (`_hybrid_conv`). 'flat' computes it as products on the flattened padded map (`_flat_conv`).
   """
-  stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
-  impl = resolve_conv_impl(conv_impl, stacked_bytes, x.dtype, kernel.size / x.size)
+  impl = _conv3d_impl(x, kernel, conv_impl)
   padding = tuple(tuple(pair) for pair in padding)  # hashable: a custom VJP's static argument
   if impl == 'lax':
     return _native_conv(x, kernel, dilation, padding)
@@ -120,6 +119,12 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
       stacked, kernel_2d, window_strides=(1, 1), padding=padding[1:],
       rhs_dilation=(dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return y.reshape(batch, depth, height, width, kernel.shape[4])
+
+
+def _conv3d_impl(x, kernel, conv_impl):
+  """`resolve_conv_impl` for `conv3d_same` of x by kernel."""
+  stacked_bytes = kernel.shape[0] * x.size * jnp.dtype(IM2COL_DTYPE).itemsize
+  return resolve_conv_impl(conv_impl, stacked_bytes, x.dtype, kernel.size / x.size)
 
 
 def _native_conv(x, kernel, dilation, padding):
@@ -283,6 +288,11 @@ def _flat_conv(x, kernel, dilation, padding):
 
 def _flat_conv_output(x, kernel, dilation, padding):
   geometry = _FlatGeometry(x.shape, kernel.shape, dilation, padding)
+  return _map_depth_blocks(_flat_block_output(x, kernel, geometry), geometry.count, x.dtype)
+
+
+def _flat_block_output(x, kernel, geometry):
+  """index -> `_flat_conv`'s output depth block `index` of `geometry`, in float32."""
   kd, kh, kw, channels, features = kernel.shape
   product_dtype = _product_dtype(x, kernel)
   matrix = jnp.transpose(kernel.astype(product_dtype), (0, 3, 1, 2, 4)).reshape(
@@ -295,7 +305,7 @@ def _flat_conv_output(x, kernel, dilation, padding):
     return geometry.crop(sum(products[:, offset:offset + geometry.block_rows, tap]
                              for tap, offset in enumerate(geometry.in_plane_offsets)))
 
-  return _map_depth_blocks(block_output, geometry.count, x.dtype)
+  return block_output
 
 
 def _flat_conv_forward(x, kernel, dilation, padding):
@@ -489,7 +499,7 @@ def _columns_product(views, matrix):
   return product.astype(views[0].dtype).reshape(*views[0].shape[:-1], matrix.shape[1])
 
 
-def _map_depth_blocks(block_fn, count, dtype=None):
+def _map_depth_blocks(block_fn, count, dtype=None, as_bits=False):
   """Runs `block_fn(i)` -> (batch, block depth, ...) for i < count in a loop (one block's
   buffers live at a time) and joins the blocks along depth, in `dtype` (default: as returned).
 
@@ -499,16 +509,21 @@ def _map_depth_blocks(block_fn, count, dtype=None):
   they are, where it writes bfloat16 through float32 (96^3 x 64 'flat' forward: 0.42 s
   converted after the loop, 0.70 s bfloat16 blocks, 0.40 s bits; 96^3 bfloat16 step, A/B:
   10.91 -> 10.47 s, peak RSS 8.73 -> 8.53 GiB). Bits carry no gradient: only the custom-vjp
-  paths ('flat') pass a `dtype`.
+  paths ('flat') pass a `dtype`. `as_bits`: bfloat16 blocks are returned as bits, for a loop
+  that reads slices of them (a bitcast of the whole map after the loop is a copy on XLA:CPU).
   """
+  def joined(blocks):
+    return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], -1, *blocks.shape[3:])
+
   if dtype == jnp.bfloat16:
-    blocks = jax.lax.bitcast_convert_type(jax.lax.map(
+    # Joined as bits: the join of bfloat16 blocks is made through float32, and the map's bits
+    # are then one more copy for `_sliced_as_bits`.
+    bits = joined(jax.lax.map(
         lambda index: jax.lax.bitcast_convert_type(block_fn(index).astype(dtype), jnp.uint16),
-        jnp.arange(count)), dtype)
-  else:
-    blocks = jax.lax.map(block_fn if dtype is None else
-                         lambda index: block_fn(index).astype(dtype), jnp.arange(count))
-  return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], -1, *blocks.shape[3:])
+        jnp.arange(count)))
+    return bits if as_bits else jax.lax.bitcast_convert_type(bits, dtype)
+  return joined(jax.lax.map(block_fn if dtype is None else
+                            lambda index: block_fn(index).astype(dtype), jnp.arange(count)))
 
 
 def live_taps(kernel_size, dilation, input_size):
@@ -623,9 +638,30 @@ def _upsampled_conv(x, kernel, conv_impl):
     return upsample_nearest(pointwise_conv(x, kernel[0, 0, 0], conv_impl))
   if kernel.shape[:3] != (3, 3, 3):
     raise ValueError(f'upsampled convolution needs a 1 or 3 kernel, got {kernel.shape[:3]}')
-  impl = resolve_conv_impl(conv_impl, 2 * x.size * jnp.dtype(IM2COL_DTYPE).itemsize, x.dtype)
-  # Tap sums in float32 at least, rounded once to the compute dtype (not at all for 'im2col'
-  # and 'flat').
+  impl = _upsampled_conv_impl(x, conv_impl)
+  phase_kernels = _phase_kernels(kernel)
+  if impl == 'im2col':
+    return _upsampled_im2col_conv(x, phase_kernels)
+  if impl == 'flat':
+    return _upsampled_flat_conv(x, _stacked_phase_kernels(phase_kernels))
+  phases = [conv3d_same(x, phase_kernel.astype(kernel.dtype), 1,
+                        [(0, 1) if odd else (1, 0) for odd in phase], impl)
+            for phase, phase_kernel in zip(PHASES, phase_kernels)]
+  return _interleave_phases(jnp.stack(phases)).astype(x.dtype)
+
+
+PHASES = tuple(np.ndindex(2, 2, 2))  # (x, y, z) parity of an upsampled output voxel
+SAME_3_PADDING = ((1, 1),) * 3  # a 3^3 'SAME' convolution's padding
+
+
+def _upsampled_conv_impl(x, conv_impl):
+  """`resolve_conv_impl` for `_upsampled_conv` of the coarse map x."""
+  return resolve_conv_impl(conv_impl, 2 * x.size * jnp.dtype(IM2COL_DTYPE).itemsize, x.dtype)
+
+
+def _phase_kernels(kernel):
+  """The 8 (2, 2, 2, in, out) kernels of `_upsampled_conv`, in PHASES order: tap sums in
+  float32 at least, rounded once to the compute dtype (not at all for 'im2col' and 'flat')."""
   wide = kernel.astype(jnp.promote_types(kernel.dtype, IM2COL_DTYPE))
   phase_kernels = []
   for phase in PHASES:
@@ -635,19 +671,119 @@ def _upsampled_conv(x, kernel, conv_impl):
       pair = (first + middle, last) if odd else (first, middle + last)
       phase_kernel = jnp.stack(pair, axis=axis)
     phase_kernels.append(phase_kernel)
-  if impl == 'im2col':
-    return _upsampled_im2col_conv(x, phase_kernels)
-  if impl == 'flat':
-    # (p, q, r, a, b, c, in, out): phase, then tap.
-    return _upsampled_flat_conv(x, jnp.stack(phase_kernels).reshape(
-        (2,) * 6 + kernel.shape[3:]).astype(IM2COL_DTYPE))
-  phases = [conv3d_same(x, phase_kernel.astype(kernel.dtype), 1,
-                        [(0, 1) if odd else (1, 0) for odd in phase], impl)
-            for phase, phase_kernel in zip(PHASES, phase_kernels)]
-  return _interleave_phases(jnp.stack(phases)).astype(x.dtype)
+  return phase_kernels
 
 
-PHASES = tuple(np.ndindex(2, 2, 2))  # (x, y, z) parity of an upsampled output voxel
+def _stacked_phase_kernels(phase_kernels):
+  """The phase kernels as `_upsampled_flat_conv` takes them: (p, q, r, a, b, c, in, out)."""
+  return jnp.stack(phase_kernels).reshape(
+      (2,) * 6 + phase_kernels[0].shape[3:]).astype(IM2COL_DTYPE)
+
+
+def decoder_conv(x, skip, kernel, conv_impl):
+  """The 'SAME' convolution of concat([upsample_nearest(x), skip]) by `kernel`, without
+  building it: `_upsampled_conv` of x plus `_same_conv` of skip, summed; off 'lax' the sum is
+  made in a loop over depth blocks (`_decoder_flat_conv` for a 3^3 kernel where both are
+  'flat', `_decoder_pointwise_conv` for a 1x1x1 one)."""
+  coarse = x.shape[-1]  # concat order: the upsampled map's channels, then the skip's
+  up_kernel, skip_kernel = kernel[..., :coarse, :], kernel[..., coarse:, :]
+  if (kernel.shape[:3] == (3, 3, 3) and _upsampled_conv_impl(x, conv_impl) == 'flat'
+      and _conv3d_impl(skip, skip_kernel, conv_impl) == 'flat'):
+    # min(skip.shape[1:4]) >= 2: every tap of the skip's 3^3 kernel is live (`_same_conv`).
+    return _decoder_flat_conv(x, _stacked_phase_kernels(_phase_kernels(up_kernel)), skip,
+                              skip_kernel)
+  if kernel.shape[:3] == (1, 1, 1) and resolve_conv_impl(conv_impl, 0, x.dtype) != 'lax':
+    return _decoder_pointwise_conv(x, skip, up_kernel[0, 0, 0], skip_kernel[0, 0, 0])
+  return (_upsampled_conv(x, up_kernel, conv_impl) +
+          _same_conv(skip, skip_kernel, 1, conv_impl))
+
+
+@jax.custom_vjp
+def _decoder_flat_conv(x, kernels, skip, skip_kernel):
+  """`_upsampled_flat_conv(x, kernels) + _flat_conv(skip, skip_kernel)` ('SAME', 3^3): the
+  skip's loop first, its output blocks kept in `_map_depth_blocks`'s bits; the upsampled loop
+  adds each block of it to its own float32 block before the one rounding to the compute dtype.
+
+  Summed after both loops, the sum was a separate pass over two maps, which XLA:CPU kept in
+  float32 (excess precision: the two roundings dropped) and which the BatchNorm that follows
+  kept as its residual: a float32 map of the output's size, twice its memory, written in the
+  step (0.52 s for decoder_0 in the 96^3 bfloat16 step). Both products in one loop body, summed
+  there, made that body's output pass twice as slow as the two loops' own (decoder_0's conv1
+  forward alone at 96^3 bfloat16: 1.86 s, vs 1.60 s for two loops and a sum). Backward: the
+  two convolutions' own.
+  """
+  return _decoder_flat_output(x, kernels, skip, skip_kernel)
+
+
+def _decoder_flat_output(x, kernels, skip, skip_kernel):
+  geometry = _upsampled_geometry(x.shape, 32 * kernels.shape[-1])
+  skip_geometry = _FlatGeometry(skip.shape, skip_kernel.shape, 1, SAME_3_PADDING)
+  skip_y = _map_depth_blocks(_flat_block_output(skip, skip_kernel, skip_geometry),
+                             skip_geometry.count, skip.dtype, as_bits=True)
+  up_output = _upsampled_flat_block_output(x, kernels, geometry)
+  block = 2 * geometry.block  # output slices of a coarse block
+
+  def block_output(index):
+    skip_part = jax.lax.dynamic_slice_in_dim(skip_y, index * block, block, axis=1)
+    return up_output(index) + _operand(skip_part).astype(jnp.float32)
+
+  return _map_depth_blocks(block_output, geometry.count, x.dtype)
+
+
+def _decoder_flat_forward(x, kernels, skip, skip_kernel):
+  return _decoder_flat_output(x, kernels, skip, skip_kernel), (x, kernels, skip, skip_kernel)
+
+
+def _decoder_flat_backward(residuals, cotangent):
+  x, kernels, skip, skip_kernel = residuals
+  return (*_upsampled_flat_backward((x, kernels), cotangent),
+          *_flat_conv_backward(1, SAME_3_PADDING, (skip, skip_kernel), cotangent))
+
+
+_decoder_flat_conv.defvjp(_decoder_flat_forward, _decoder_flat_backward)
+
+
+@jax.custom_vjp
+def _decoder_pointwise_conv(x, skip, up_matrix, skip_matrix):
+  """upsample_nearest(pointwise_conv(x, up_matrix)) + pointwise_conv(skip, skip_matrix) (the
+  decoder's 1x1x1 shortcut), summed in float32 per depth block of POINTWISE_BLOCK_BYTES and
+  rounded once to skip's dtype: summed after the products, XLA:CPU kept the sum in float32 (see
+  `_decoder_flat_conv`; 0.53 s for decoder_0's shortcut in the 96^3 bfloat16 step). Backward:
+  the two products' own."""
+  return _decoder_pointwise_output(x, skip, up_matrix, skip_matrix)
+
+
+def _decoder_pointwise_output(x, skip, up_matrix, skip_matrix):
+  # A coarse slice: two output slices of 4x its plane, counted as float32 (as the backward's).
+  slice_bytes = 8 * x.shape[0] * x.shape[2] * x.shape[3] * max(skip_matrix.shape) * 4
+  block = _slices_per_block(x.shape[1], slice_bytes, POINTWISE_BLOCK_BYTES)  # coarse slices
+
+  def depth_slices(a, first, size):
+    return _sliced_as_bits(a, lambda a: jax.lax.dynamic_slice_in_dim(a, first, size, 1))
+
+  def block_output(index):
+    coarse = depth_slices(x, index * block, block)
+    fine = depth_slices(skip, 2 * index * block, 2 * block)
+    up = jnp.einsum('...c,cf->...f', coarse, up_matrix, preferred_element_type=jnp.float32)
+    return upsample_nearest(up) + jnp.einsum('...c,cf->...f', fine, skip_matrix,
+                                             preferred_element_type=jnp.float32)
+
+  return _map_depth_blocks(block_output, x.shape[1] // block, skip.dtype)
+
+
+def _decoder_pointwise_forward(x, skip, up_matrix, skip_matrix):
+  return (_decoder_pointwise_output(x, skip, up_matrix, skip_matrix),
+          (x, skip, up_matrix, skip_matrix))
+
+
+def _decoder_pointwise_backward(residuals, cotangent):
+  _, gradients = jax.vjp(
+      lambda x, skip, up_matrix, skip_matrix: (upsample_nearest(_pointwise_conv(x, up_matrix)) +
+                                               _pointwise_conv(skip, skip_matrix)), *residuals)
+  return gradients(cotangent)
+
+
+_decoder_pointwise_conv.defvjp(_decoder_pointwise_forward, _decoder_pointwise_backward)
 
 
 def _interleave_phases(stacked):
@@ -669,7 +805,7 @@ def _upsampled_geometry(coarse_shape, products_per_row):
   """Where `_upsampled_flat_conv` reads: the coarse map padded by 1 on every side (a 3^3
   'SAME' grid); the phase (p, q, r) tap (a, b, c) reads padded coarse (i + p + a, j + q + b,
   k + r + c) for output (2i + p, 2j + q, 2k + r)."""
-  return _FlatGeometry(coarse_shape, (3, 3, 3), 1, ((1, 1),) * 3, products_per_row)
+  return _FlatGeometry(coarse_shape, (3, 3, 3), 1, SAME_3_PADDING, products_per_row)
 
 
 @jax.custom_vjp
@@ -689,8 +825,15 @@ def _upsampled_flat_conv(x, kernels):
 
 
 def _upsampled_flat_output(x, kernels):
+  geometry = _upsampled_geometry(x.shape, 32 * kernels.shape[-1])
+  return _map_depth_blocks(_upsampled_flat_block_output(x, kernels, geometry), geometry.count,
+                           x.dtype)
+
+
+def _upsampled_flat_block_output(x, kernels, geometry):
+  """index -> `_upsampled_flat_conv`'s output for coarse depth block `index` of `geometry`
+  (2 x its slices), in float32."""
   features = kernels.shape[-1]
-  geometry = _upsampled_geometry(x.shape, 32 * features)
   matrices = [jnp.transpose(kernels[p], (2, 5, 0, 1, 3, 4, 6)).reshape(
       2 * x.shape[-1], 16 * features) for p in (0, 1)]  # (a, in) x (q, r, b, c, out)
 
@@ -709,7 +852,7 @@ def _upsampled_flat_output(x, kernels):
             for offset, b, c in offsets)))
     return _interleave_phases(jnp.stack(phases))
 
-  return _map_depth_blocks(block_output, geometry.count, x.dtype)
+  return block_output
 
 
 def _upsampled_flat_forward(x, kernels):
@@ -870,9 +1013,7 @@ class Conv3D(nn.Module):
     else:
       if self.dilation != 1:
         raise ValueError('the upsampled (decoder) convolution is not dilated')
-      coarse = x.shape[-1]  # concat order: the upsampled map's channels, then the skip's
-      y = (_upsampled_conv(x, kernel[..., :coarse, :], self.conv_impl) +
-           _same_conv(skip.astype(self.dtype), kernel[..., coarse:, :], 1, self.conv_impl))
+      y = decoder_conv(x, skip.astype(self.dtype), kernel, self.conv_impl)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

@@ -170,6 +170,36 @@ def test_decoder_conv_equals_conv_of_upsampled_concatenation(coarse_size, kernel
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize('block_bytes', [1, 40000, 10**9])  # blocks of 1 / a few / all slices
+@pytest.mark.parametrize('kernel', [1, 3])
+def test_decoder_conv_blocks_give_the_convolution_of_the_upsampled_concatenation(
+    monkeypatch, block_bytes, kernel):
+  # The decoder's sums in loops over depth blocks (`layers.decoder_conv`), with blocks of the
+  # upsampled map's and of the skip's loops that differ in size.
+  monkeypatch.setattr(layers, 'FLAT_BLOCK_BYTES', block_bytes)
+  monkeypatch.setattr(layers, 'POINTWISE_BLOCK_BYTES', block_bytes)
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 2, 6)), jnp.float32)
+  skip = jnp.asarray(rng.standard_normal((2, 6, 8, 4, 3)), jnp.float32)
+  kernel_array = jnp.asarray(rng.standard_normal((kernel,) * 3 + (9, 5)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((2, 6, 8, 4, 5)), jnp.float32)
+
+  def loss(conv_impl, inputs, kernel_array):
+    x, skip = inputs
+    if conv_impl == 'lax':
+      y = _reference_conv(jnp.concatenate([layers.upsample_nearest(x), skip], axis=-1),
+                          kernel_array, 1)
+    else:
+      y = layers.decoder_conv(x, skip, kernel_array, conv_impl)
+    return jnp.sum(y * cotangent), y
+
+  # Outputs, and the gradients of x, skip and the kernel.
+  got, expected = (jax.value_and_grad(functools.partial(loss, impl), (0, 1), has_aux=True)(
+      (x, skip), kernel_array) for impl in ('flat', 'lax'))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
 def test_decoder_block_equals_block_on_upsampled_concatenation(dtype, tolerance):
   rng = np.random.default_rng(0)
@@ -827,6 +857,31 @@ def test_batch_norm_writes_no_float32_map_but_its_outputs(dtype):
           if re.search(r'= f32\[{}\]'.format(','.join(map(str, shape))), line)
           and ' parameter(' not in line]
   assert len(maps) == (2 if dtype == jnp.float32 else 0), maps  # y and x's gradient
+
+
+@pytest.mark.parametrize('kernel', [1, 3])
+def test_bfloat16_decoder_conv_and_batch_norm_write_no_float32_map(kernel):
+  # Summed after the two convolutions (upsampled map's, skip's), the sum was kept in float32 by
+  # XLA:CPU (excess precision) and read so by the BatchNorm: a float32 map of the output's size,
+  # in the step and in its memory. The decoder convolutions sum in their loops instead.
+  x = jnp.ones((1, 4, 4, 4, 16), jnp.bfloat16)
+  skip = jnp.ones((1, 8, 8, 8, 8), jnp.bfloat16)
+  conv = layers.Conv3D(16, kernel_size=kernel, dtype=jnp.bfloat16, conv_impl='flat')
+  norm = layers.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  conv_variables = conv.init(KEY, x, skip)
+  norm_variables = norm.init(KEY, jnp.ones((1, 8, 8, 8, 16), jnp.bfloat16))
+
+  def loss(params, x, skip):
+    y = conv.apply({'params': params}, x, skip)
+    y, _ = norm.apply(norm_variables, y, mutable=['batch_stats'])
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  text = jax.jit(jax.grad(loss, (0, 1, 2))).lower(
+      conv_variables['params'], x, skip).compile().as_text()
+  entry = text[text.index('\nENTRY'):]
+  maps = [line for line in entry[:entry.index('\n}')].splitlines()
+          if re.search(r'= f32\[1,8,8,8,16\]', line) and ' parameter(' not in line]
+  assert not maps, maps
 
 
 def test_join_channels_equals_concatenate():
