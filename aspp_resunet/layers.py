@@ -555,9 +555,14 @@ def pointwise_conv(x, matrix, conv_impl):
   96^3 bfloat16 step: 0.59 s plus 0.2 s of copies; blocked 0.05 s). 'lax' (GPU/TPU):
   autodiff of one einsum.
   """
-  if resolve_conv_impl(conv_impl, 0, x.dtype) == 'lax':
+  if _pointwise_impl(x, conv_impl) == 'lax':
     return jnp.einsum('bxyzc,cf->bxyzf', x, matrix)
   return _pointwise_conv(x, matrix)
+
+
+def _pointwise_impl(x, conv_impl):
+  """`resolve_conv_impl` for a 1x1x1 convolution of x: 'lax' or its own products."""
+  return resolve_conv_impl(conv_impl, 0, x.dtype)
 
 
 def _pointwise_product(x, matrix):
@@ -572,8 +577,12 @@ def _pointwise_product(x, matrix):
   if x.dtype == jnp.bfloat16 and matrix.shape[0] <= POINTWISE_SUM_MAX_INPUTS:
     return sum(x[..., c, None].astype(jnp.float32) * matrix[c].astype(jnp.float32)
                for c in range(matrix.shape[0])).astype(x.dtype)
-  return jnp.einsum('...c,cf->...f', x, matrix,
-                    preferred_element_type=jnp.float32).astype(x.dtype)
+  return _float32_product(x, matrix).astype(x.dtype)
+
+
+def _float32_product(x, matrix):
+  """x (..., in) @ matrix, accumulated and returned in float32."""
+  return jnp.einsum('...c,cf->...f', x, matrix, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
@@ -692,7 +701,7 @@ def decoder_conv(x, skip, kernel, conv_impl):
     # min(skip.shape[1:4]) >= 2: every tap of the skip's 3^3 kernel is live (`_same_conv`).
     return _decoder_flat_conv(x, _stacked_phase_kernels(_phase_kernels(up_kernel)), skip,
                               skip_kernel)
-  if kernel.shape[:3] == (1, 1, 1) and resolve_conv_impl(conv_impl, 0, x.dtype) != 'lax':
+  if kernel.shape[:3] == (1, 1, 1) and _pointwise_impl(x, conv_impl) != 'lax':
     return _decoder_pointwise_conv(x, skip, up_kernel[0, 0, 0], skip_kernel[0, 0, 0])
   return (_upsampled_conv(x, up_kernel, conv_impl) +
           _same_conv(skip, skip_kernel, 1, conv_impl))
@@ -764,9 +773,8 @@ def _decoder_pointwise_output(x, skip, up_matrix, skip_matrix):
   def block_output(index):
     coarse = depth_slices(x, index * block, block)
     fine = depth_slices(skip, 2 * index * block, 2 * block)
-    up = jnp.einsum('...c,cf->...f', coarse, up_matrix, preferred_element_type=jnp.float32)
-    return upsample_nearest(up) + jnp.einsum('...c,cf->...f', fine, skip_matrix,
-                                             preferred_element_type=jnp.float32)
+    return (upsample_nearest(_float32_product(coarse, up_matrix)) +
+            _float32_product(fine, skip_matrix))
 
   return _map_depth_blocks(block_output, x.shape[1] // block, skip.dtype)
 

@@ -851,12 +851,19 @@ def test_batch_norm_writes_no_float32_map_but_its_outputs(dtype):
     y, _ = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
-  text = jax.jit(jax.grad(loss, (0, 1))).lower(variables['params'], x).compile().as_text()
+  maps = _float32_maps_written(jax.jit(jax.grad(loss, (0, 1))).lower(variables['params'], x),
+                               shape)
+  assert len(maps) == (2 if dtype == jnp.float32 else 0), maps  # y and x's gradient
+
+
+def _float32_maps_written(lowered, shape):
+  """The instructions of the compiled program's ENTRY computation that write a float32 array of
+  `shape` (parameters left out)."""
+  text = lowered.compile().as_text()
   entry = text[text.index('\nENTRY'):]
-  maps = [line for line in entry[:entry.index('\n}')].splitlines()
+  return [line for line in entry[:entry.index('\n}')].splitlines()
           if re.search(r'= f32\[{}\]'.format(','.join(map(str, shape))), line)
           and ' parameter(' not in line]
-  assert len(maps) == (2 if dtype == jnp.float32 else 0), maps  # y and x's gradient
 
 
 @pytest.mark.parametrize('kernel', [1, 3])
@@ -876,11 +883,8 @@ def test_bfloat16_decoder_conv_and_batch_norm_write_no_float32_map(kernel):
     y, _ = norm.apply(norm_variables, y, mutable=['batch_stats'])
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
-  text = jax.jit(jax.grad(loss, (0, 1, 2))).lower(
-      conv_variables['params'], x, skip).compile().as_text()
-  entry = text[text.index('\nENTRY'):]
-  maps = [line for line in entry[:entry.index('\n}')].splitlines()
-          if re.search(r'= f32\[1,8,8,8,16\]', line) and ' parameter(' not in line]
+  maps = _float32_maps_written(jax.jit(jax.grad(loss, (0, 1, 2))).lower(
+      conv_variables['params'], x, skip), (1, 8, 8, 8, 16))
   assert not maps, maps
 
 
