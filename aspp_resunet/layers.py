@@ -670,7 +670,8 @@ def _upsampled_conv_impl(x, conv_impl):
 
 def _phase_kernels(kernel):
   """The 8 (2, 2, 2, in, out) kernels of `_upsampled_conv`, in PHASES order: tap sums in
-  float32 at least, rounded once to the compute dtype (not at all for 'im2col' and 'flat')."""
+  float32 at least, rounded once to the compute dtype ('flat': to its product dtype; 'im2col':
+  not at all)."""
   wide = kernel.astype(jnp.promote_types(kernel.dtype, IM2COL_DTYPE))
   phase_kernels = []
   for phase in PHASES:
@@ -828,6 +829,14 @@ def _upsampled_flat_conv(x, kernels):
   kernel gradient per depth parity; residuals are x and the kernels. Compared with 8 separate
   'flat' convolutions (coarse 64^3 x 128 -> 64, forward+backward): 2.57 -> 2.17 s, 1057 -> 161
   MiB of XLA temporaries; 48^3: 1.22 -> 0.93 s.
+
+  Products in `_product_dtype(x)`: a bfloat16 model's phase kernels are rounded to bfloat16
+  (once, as the other implementations of `_upsampled_conv` round them: an error the size of
+  the input's own rounding to bfloat16). Multiplied in float32, the decoders' products ran at
+  half the rate of the step's bfloat16 ones (96^3 step, decoder_0: forward 168 GFLOP/s, input
+  gradient 95, others 300-400; decoder_0's conv1 alone, forward 1.83 -> 1.33 s, forward and
+  backward 2.88 -> 2.55 s). The kernels' gradient stays float32: summed into the kernel's,
+  rounded once.
   """
   return _upsampled_flat_output(x, kernels)
 
@@ -842,15 +851,16 @@ def _upsampled_flat_block_output(x, kernels, geometry):
   """index -> `_upsampled_flat_conv`'s output for coarse depth block `index` of `geometry`
   (2 x its slices), in float32."""
   features = kernels.shape[-1]
-  matrices = [jnp.transpose(kernels[p], (2, 5, 0, 1, 3, 4, 6)).reshape(
+  product_dtype = _product_dtype(x)
+  matrices = [jnp.transpose(kernels[p].astype(product_dtype), (2, 5, 0, 1, 3, 4, 6)).reshape(
       2 * x.shape[-1], 16 * features) for p in (0, 1)]  # (a, in) x (q, r, b, c, out)
 
   def block_output(index):
-    rows = geometry.rows(x, index)
+    rows = geometry.rows(x, index, _column_dtype(product_dtype))
     phases = []
     for p in (0, 1):
       columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
-      products = jnp.dot(columns, matrices[p],
+      products = jnp.dot(_operand(columns), matrices[p],
                          preferred_element_type=jnp.float32).reshape(
                              x.shape[0], geometry.length, 2, 2, 2, 2, features)
       for q, r in np.ndindex(2, 2):
@@ -883,17 +893,20 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape, dtype):
   offset 2 - p - a and in-plane offset (2 - q - b, 2 - r - c) on the same padded grid."""
   channels, features = coarse_shape[-1], kernels.shape[-1]
   geometry = _upsampled_geometry(coarse_shape, 4 * channels)
+  product_dtype = _product_dtype(phases)
   depth_taps = list(np.ndindex(2, 2))  # (p, a)
   matrices = {(q, r): jnp.concatenate([  # (p, a, out) x (b, c, in)
-      jnp.transpose(kernels[p, q, r, a], (3, 0, 1, 2)).reshape(features, 4 * channels)
-      for p, a in depth_taps]) for q, r in np.ndindex(2, 2)}
+      jnp.transpose(kernels[p, q, r, a].astype(product_dtype), (3, 0, 1, 2)).reshape(
+          features, 4 * channels) for p, a in depth_taps]) for q, r in np.ndindex(2, 2)}
 
   def block_output(index):
     total = 0
     for q, r in np.ndindex(2, 2):
-      rows = [geometry.rows(phases[p, q, r], index) for p in (0, 1)]
+      rows = [geometry.rows(phases[p, q, r], index, _column_dtype(product_dtype))
+              for p in (0, 1)]
       columns = _join_channels([geometry.window(rows[p], 2 - p - a) for p, a in depth_taps])
-      products = jnp.dot(columns, matrices[q, r], preferred_element_type=jnp.float32).reshape(
+      products = jnp.dot(_operand(columns), matrices[q, r],
+                         preferred_element_type=jnp.float32).reshape(
           coarse_shape[0], geometry.length, 2, 2, channels)
       for b, c in np.ndindex(2, 2):
         offset = geometry.in_plane_offset(2 - q - b, 2 - r - c)

@@ -242,6 +242,23 @@ def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
       dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
 
 
+def _upsampled_phase_conv(x, kernel, phase_dtype):
+  """The 'SAME' convolution of upsample_nearest(x) by a 3^3 kernel as `layers._upsampled_conv`
+  makes it, 8 phase convolutions of x, in float32 with the phase kernels rounded to
+  `phase_dtype` (their gradient is not: the rounding passes it as it is)."""
+  def rounded(phase_kernel):
+    return phase_kernel + jax.lax.stop_gradient(
+        phase_kernel.astype(phase_dtype).astype(jnp.float32) - phase_kernel)
+
+  phases = [
+      jax.lax.conv_general_dilated(
+          x, rounded(phase_kernel), (1, 1, 1),
+          [(0, 1) if odd else (1, 0) for odd in phase],
+          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+      for phase, phase_kernel in zip(layers.PHASES, layers._phase_kernels(kernel))]  # pylint: disable=protected-access
+  return layers._interleave_phases(jnp.stack(phases))  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize('conv_impl', ['depth2d', 'im2col', 'hybrid', 'flat'])
 @pytest.mark.parametrize('seed', range(6))
 def test_gradients_equal_lax_on_random_shapes(seed, conv_impl):
@@ -301,9 +318,17 @@ def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
     return _reference_conv(x, kernel, 1) if impl == 'lax' else layers.conv3d_same(
         x, kernel, 1, [(1, 1)] * 3, impl)
 
-  got, vjp = jax.vjp(functools.partial(conv, conv_impl), x, kernel)
   wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
-  expected, expected_vjp = jax.vjp(functools.partial(conv, 'lax'), *wide[:2])
+  if upsampled and conv_impl == 'flat':
+    # 'flat' multiplies bfloat16 phase kernels (`_upsampled_flat_block_output`): the float32
+    # reference with the phase kernels rounded to bfloat16 (the kernel gradient is unchanged).
+    reference = functools.partial(_upsampled_phase_conv, phase_dtype=jnp.bfloat16)
+    np.testing.assert_allclose(_upsampled_phase_conv(*wide[:2], jnp.float32),
+                               conv('lax', *wide[:2]), rtol=1e-5, atol=1e-5)
+  else:
+    reference = functools.partial(conv, 'lax')
+  got, vjp = jax.vjp(functools.partial(conv, conv_impl), x, kernel)
+  expected, expected_vjp = jax.vjp(reference, *wide[:2])
   for name, value, reference in zip(('value', 'input gradient', 'kernel gradient'),
                                     (got, *vjp(cotangent)),
                                     (expected, *expected_vjp(wide[2]))):
@@ -455,11 +480,11 @@ def test_bfloat16_products_are_not_upcast_by_the_compiler():
   assert set(_compiled_dot_operand_dtypes(jax.grad(same_size, (0, 1)), x, kernel)) == {
       ('bf16', 'bf16')}
   upsampled = loss(lambda x, k: layers._upsampled_conv(x, k, 'flat'))  # pylint: disable=protected-access
-  # The kernel gradient in bfloat16; the input gradient per in-plane parity (4) multiplies the
-  # phase kernels, float32 sums of taps.
+  # The input gradient per in-plane parity (4 products of the phase kernels, rounded to
+  # bfloat16) and the kernel gradient; then the forward's products.
   products = _compiled_dot_operand_dtypes(jax.grad(upsampled, (0, 1)), x, kernel)
-  assert products.count(('f32', 'f32')) == 4
-  assert products.count(('bf16', 'bf16')) == len(products) - 4 >= 2
+  assert set(products) == {('bf16', 'bf16')} and len(products) >= 6
+  assert set(_compiled_dot_operand_dtypes(upsampled, x, kernel)) == {('bf16', 'bf16')}
   # 1x1x1: wider than POINTWISE_SUM_MAX_INPUTS, so products.
   x, matrix = jnp.ones((1, 6, 6, 6, 16), jnp.bfloat16), jnp.ones((16, 16), jnp.bfloat16)
   pointwise = functools.partial(layers.pointwise_conv, conv_impl='auto')
@@ -484,11 +509,15 @@ def test_bfloat16_columns_are_built_from_bits_never_widened():
     return jnp.sum(layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat').astype(jnp.float32))
 
   assert len(widenings(jax.grad(loss, (0, 1)), x, kernel)) == 1  # the loss's own
-  # The decoder's kernel gradient (its forward and input gradient multiply float32 phase kernels).
-  phases = layers._deinterleave_phases(jnp.ones((1, 12, 12, 12, 8), jnp.bfloat16))  # pylint: disable=protected-access
-  assert not widenings(
-      lambda x, phases: layers._upsampled_flat_kernel_gradient(x, phases, (2,) * 6 + (8, 8)),  # pylint: disable=protected-access
-      x, phases)
+
+  def upsampled_loss(x, kernel):
+    return jnp.sum(layers._upsampled_conv(x, kernel, 'flat').astype(jnp.float32))  # pylint: disable=protected-access
+
+  # The decoder's convolution, forward and backward: the loss's own and the kernel's (its phase
+  # kernels are float32 sums of taps).
+  widened = [eqn.invars[0].aval.shape
+             for eqn in widenings(jax.value_and_grad(upsampled_loss, (0, 1)), x, kernel)]
+  assert sorted(widened) == sorted([(1, 12, 12, 12, 8), kernel.shape])
 
 
 def test_bfloat16_flat_loops_write_their_blocks_as_bits():
