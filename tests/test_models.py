@@ -338,6 +338,49 @@ def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
                                err_msg=name)
 
 
+@pytest.mark.parametrize('seed', range(4))
+def test_bfloat16_flat_is_the_float32_convolution_rounded_once_for_any_kernel_shape(seed):
+  # bfloat16 'flat' folds the width taps into its columns (`layers._flat_block_output`):
+  # kernels of any (depth, height, width) size, dilations and uneven paddings.
+  rng = np.random.default_rng(seed)
+  kernel_size = tuple(int(k) for k in rng.choice([1, 2, 3, 5], 3))
+  dilation = int(rng.integers(1, 3))
+  lows = [int(rng.integers(0, (k - 1) * dilation + 1)) for k in kernel_size]
+  padding = [(lo, (k - 1) * dilation - lo) for lo, k in zip(lows, kernel_size)]  # same size
+  size = tuple(int(s) for s in rng.integers(5, 9, 3))
+  x = jnp.asarray(rng.standard_normal((2, *size, 6)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((*kernel_size, 6, 5)) * 0.2, jnp.bfloat16)
+  cotangent = jnp.asarray(rng.standard_normal((2, *size, 5)), jnp.bfloat16)
+
+  def conv(x, kernel):
+    return layers.conv3d_same(x, kernel, dilation, padding, 'flat')
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), padding, rhs_dilation=(dilation,) * 3,
+        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
+
+  got, vjp = jax.vjp(conv, x, kernel)
+  wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
+  expected, expected_vjp = jax.vjp(reference, *wide[:2])
+  for name, value, wanted in zip(('value', 'input gradient', 'kernel gradient'),
+                                 (got, *vjp(cotangent)), (expected, *expected_vjp(wide[2]))):
+    assert value.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(value.astype(jnp.float32), wanted, rtol=2**-7, atol=1e-5,
+                               err_msg=f'{name}, kernel {kernel_size}, dilation {dilation}')
+
+
+@pytest.mark.parametrize('dtype,contracted', [(jnp.bfloat16, 3 * 3 * 8), (jnp.float32, 3 * 8)])
+def test_flat_folds_the_width_taps_into_bfloat16_products_only(dtype, contracted):
+  x = jnp.ones((1, 6, 6, 6, 8), dtype)
+  kernel = jnp.ones((3, 3, 3, 8, 4), dtype)
+  products = _equations('dot_general', lambda x, k: layers.conv3d_same(
+      x, k, 1, [(1, 1)] * 3, 'flat'), x, kernel)
+  # (depth, width taps, in) x (height taps, out) in bfloat16; (depth, in) x (in-plane, out).
+  assert [eqn.invars[1].aval.shape for eqn in products] == [
+      (contracted, 27 * 8 * 4 // contracted)]
+
+
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
