@@ -229,10 +229,17 @@ class _FlatGeometry:
     """The block's column rows read at a depth offset of whole planes."""
     return rows[:, depth_planes * self.plane:depth_planes * self.plane + self.length]
 
-  def columns(self, x, index, dtype=IM2COL_DTYPE):
-    """The block's depth taps side by side: (batch, length, kd * channels)."""
+  def columns(self, x, index, dtype=IM2COL_DTYPE, in_plane_offsets=(0,)):
+    """The block's taps side by side: its rows at each depth tap and each of `in_plane_offsets`
+    (the row offsets of in-plane taps folded into the columns, in ascending order), (batch,
+    rows, kd * len(in_plane_offsets) * channels), as many rows as the in-plane taps left to
+    the product need (`length` with none folded in)."""
     rows = self.rows(x, index, dtype)
-    return _join_channels([self.window(rows, planes) for planes in self.depth_planes])
+    length = self.length - in_plane_offsets[-1]
+    return _join_channels([rows[:, start:start + length]
+                           for start in (planes * self.plane + offset
+                                         for planes in self.depth_planes
+                                         for offset in in_plane_offsets)])
 
   def crop(self, rows):
     """A block's output rows on the padded plane -> (batch, block, out height, out width, C)."""
@@ -247,8 +254,7 @@ class _FlatGeometry:
     are the next block's)."""
     placement = ((0, 0), (self.tail_planes,) * 2, (0, self.grid_height - self.out_shape[1]),
                  (0, self.grid_width - self.out_shape[2]), (0, 0))
-    block = _sliced_as_bits(outputs, lambda a: jax.lax.dynamic_slice_in_dim(
-        a, index * self.block, self.block, 1), dtype)
+    block = _depth_slices(outputs, index * self.block, self.block, dtype)
     return jnp.pad(block, placement).reshape(
         outputs.shape[0], -1, outputs.shape[-1])
 
@@ -287,9 +293,10 @@ def _flat_conv(x, kernel, dilation, padding):
   return _flat_conv_output(x, kernel, dilation, padding)
 
 
-def _flat_conv_output(x, kernel, dilation, padding):
+def _flat_conv_output(x, kernel, dilation, padding, as_bits=False):
   geometry = _FlatGeometry(x.shape, kernel.shape, dilation, padding)
-  return _map_depth_blocks(_flat_block_output(x, kernel, geometry), geometry.count, x.dtype)
+  return _map_depth_blocks(_flat_block_output(x, kernel, geometry), geometry.count, x.dtype,
+                           as_bits)
 
 
 def _flat_block_output(x, kernel, geometry):
@@ -311,19 +318,15 @@ def _flat_block_output(x, kernel, geometry):
     # (kd, kw, in) x (kh, out)
     matrix = jnp.transpose(kernel, (0, 2, 3, 1, 4)).reshape(kd * kw * channels, kh * features)
   else:
-    width_offsets, partial_offsets = [0], geometry.in_plane_offsets
+    width_offsets, partial_offsets = (0,), geometry.in_plane_offsets
     # (kd, in) x (kh, kw, out)
     matrix = jnp.transpose(kernel, (0, 3, 1, 2, 4)).reshape(kd * channels, kh * kw * features)
   matrix = matrix.astype(product_dtype)
-  column_offsets = [planes * geometry.plane + width for planes in geometry.depth_planes
-                    for width in width_offsets]
-  length = geometry.block_rows + partial_offsets[-1]  # rows of the block's column matrix
 
   def block_output(index):
-    rows = geometry.rows(x, index, _column_dtype(product_dtype))
-    columns = _join_channels([rows[:, offset:offset + length] for offset in column_offsets])
+    columns = geometry.columns(x, index, _column_dtype(product_dtype), width_offsets)
     products = jnp.dot(_operand(columns), matrix, preferred_element_type=jnp.float32)
-    products = products.reshape(x.shape[0], length, len(partial_offsets), features)
+    products = products.reshape(*columns.shape[:2], len(partial_offsets), features)
     return geometry.crop(sum(products[:, offset:offset + geometry.block_rows, tap]
                              for tap, offset in enumerate(partial_offsets)))
 
@@ -448,6 +451,12 @@ def _sliced_as_bits(x, slice_fn, dtype=None):
   bits = slice_fn(jax.lax.bitcast_convert_type(x, jnp.uint16))
   return bits if dtype == jnp.uint16 else jax.lax.bitcast_convert_type(
       bits, jnp.bfloat16).astype(dtype)
+
+
+def _depth_slices(x, first, count, dtype=None):
+  """Depth slices first .. first + count - 1 of x (a dynamic slice, `_sliced_as_bits`)."""
+  return _sliced_as_bits(x, lambda a: jax.lax.dynamic_slice_in_dim(a, first, count, axis=1),
+                         dtype)
 
 
 def _depth_slab(x, first, count, in_plane_padding, dtype=IM2COL_DTYPE):
@@ -623,8 +632,8 @@ def _pointwise_backward(residuals, cotangent):
   block = _slices_per_block(x.shape[1], slice_bytes, POINTWISE_BLOCK_BYTES)
 
   def add_block(total, index):
-    rows, outputs = (_sliced_as_bits(a, lambda a: jax.lax.dynamic_slice_in_dim(
-        a, index * block, block, 1)).reshape(-1, a.shape[-1]) for a in (x, cotangent))
+    rows, outputs = (_depth_slices(a, index * block, block).reshape(-1, a.shape[-1])
+                     for a in (x, cotangent))
     return total + jnp.dot(_transposed(rows), outputs, preferred_element_type=jnp.float32), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros(matrix.shape, jnp.float32),
@@ -748,10 +757,8 @@ def _decoder_flat_conv(x, kernels, skip, skip_kernel):
 
 
 def _decoder_flat_output(x, kernels, skip, skip_kernel):
-  geometry = _upsampled_geometry(x.shape, 32 * kernels.shape[-1])
-  skip_geometry = _FlatGeometry(skip.shape, skip_kernel.shape, 1, SAME_3_PADDING)
-  skip_y = _map_depth_blocks(_flat_block_output(skip, skip_kernel, skip_geometry),
-                             skip_geometry.count, skip.dtype, as_bits=True)
+  geometry = _upsampled_output_geometry(x.shape, kernels.shape[-1])
+  skip_y = _flat_conv_output(skip, skip_kernel, 1, SAME_3_PADDING, as_bits=True)
   up_output = _upsampled_flat_block_output(x, kernels, geometry)
   block = 2 * geometry.block  # output slices of a coarse block
 
@@ -790,12 +797,9 @@ def _decoder_pointwise_output(x, skip, up_matrix, skip_matrix):
   slice_bytes = 8 * x.shape[0] * x.shape[2] * x.shape[3] * max(skip_matrix.shape) * 4
   block = _slices_per_block(x.shape[1], slice_bytes, POINTWISE_BLOCK_BYTES)  # coarse slices
 
-  def depth_slices(a, first, size):
-    return _sliced_as_bits(a, lambda a: jax.lax.dynamic_slice_in_dim(a, first, size, 1))
-
   def block_output(index):
-    coarse = depth_slices(x, index * block, block)
-    fine = depth_slices(skip, 2 * index * block, 2 * block)
+    coarse = _depth_slices(x, index * block, block)
+    fine = _depth_slices(skip, 2 * index * block, 2 * block)
     return (upsample_nearest(_float32_product(coarse, up_matrix)) +
             _float32_product(fine, skip_matrix))
 
@@ -839,6 +843,12 @@ def _upsampled_geometry(coarse_shape, products_per_row):
   return _FlatGeometry(coarse_shape, (3, 3, 3), 1, SAME_3_PADDING, products_per_row)
 
 
+def _upsampled_output_geometry(coarse_shape, features):
+  """`_upsampled_geometry` of the forward pass and the kernel gradient: per row 2 depth
+  parities x 16 in-plane partial outputs of `features`."""
+  return _upsampled_geometry(coarse_shape, 32 * features)
+
+
 @jax.custom_vjp
 def _upsampled_flat_conv(x, kernels):
   """The 8 phase convolutions of `_upsampled_conv` ('flat'), all in one loop over depth blocks.
@@ -864,7 +874,7 @@ def _upsampled_flat_conv(x, kernels):
 
 
 def _upsampled_flat_output(x, kernels):
-  geometry = _upsampled_geometry(x.shape, 32 * kernels.shape[-1])
+  geometry = _upsampled_output_geometry(x.shape, kernels.shape[-1])
   return _map_depth_blocks(_upsampled_flat_block_output(x, kernels, geometry), geometry.count,
                            x.dtype)
 
@@ -944,7 +954,7 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
   taps' row offsets (`_window_products`), multiplied in `_product_dtype`, summed over blocks
   in IM2COL_DTYPE."""
   channels, features = x.shape[-1], kernels_shape[-1]
-  geometry = _upsampled_geometry(x.shape, 32 * features)
+  geometry = _upsampled_output_geometry(x.shape, features)
   column_dtype = _column_dtype(_product_dtype(x, phases))
 
   def add_block(total, index):
@@ -1090,8 +1100,7 @@ def _channel_sums(terms, *maps):
     return [term.sum(axes) for term in terms(*(m.astype(jnp.float32) for m in maps))]
 
   def slice_sums(index):
-    slices = [_sliced_as_bits(m, lambda a: jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1),
-                              jnp.float32) for m in maps]
+    slices = [_depth_slices(m, index, 1, jnp.float32) for m in maps]
     return [term.sum(axes[1:]) for term in terms(*slices)]
 
   # Per example until after the loop: with the batch split over devices, the loop's sums stay

@@ -235,11 +235,26 @@ def test_max_pool_equals_flax_max_pool_and_routes_gradient_to_first_maximum(dtyp
   assert float(tied[0, 0, 0, 0, 0]) == 3 and float(jnp.sum(tied)) == 3
 
 
-def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST):
-  half = dilation * (kernel.shape[0] // 2)
+def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST, padding=None):
+  """The native convolution; `padding` per axis, default 'SAME' for an odd cubic kernel."""
+  if padding is None:
+    padding = [(dilation * (kernel.shape[0] // 2),) * 2] * 3
   return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1, 1), [(half, half)] * 3, rhs_dilation=(dilation,) * 3,
+      x, kernel, (1, 1, 1), padding, rhs_dilation=(dilation,) * 3,
       dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
+
+
+def _assert_bfloat16_rounded_once(conv, reference, x, kernel, cotangent, err_msg=''):
+  """conv's value and gradients (bfloat16) are the float32 reference's, rounded once."""
+  got, vjp = jax.vjp(conv, x, kernel)
+  wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
+  expected, expected_vjp = jax.vjp(reference, *wide[:2])
+  for name, value, wanted in zip(('value', 'input gradient', 'kernel gradient'),
+                                 (got, *vjp(cotangent)), (expected, *expected_vjp(wide[2]))):
+    assert value.dtype == jnp.bfloat16, name
+    # One bfloat16 rounding of the float32 result (8 significant bits: 2^-8 relative).
+    np.testing.assert_allclose(value.astype(jnp.float32), wanted, rtol=2**-7, atol=1e-5,
+                               err_msg=f'{name} {err_msg}')
 
 
 def _upsampled_phase_conv(x, kernel, phase_dtype):
@@ -250,12 +265,9 @@ def _upsampled_phase_conv(x, kernel, phase_dtype):
     return phase_kernel + jax.lax.stop_gradient(
         phase_kernel.astype(phase_dtype).astype(jnp.float32) - phase_kernel)
 
-  phases = [
-      jax.lax.conv_general_dilated(
-          x, rounded(phase_kernel), (1, 1, 1),
-          [(0, 1) if odd else (1, 0) for odd in phase],
-          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
-      for phase, phase_kernel in zip(layers.PHASES, layers._phase_kernels(kernel))]  # pylint: disable=protected-access
+  phases = [_reference_conv(x, rounded(phase_kernel), 1,
+                            padding=[(0, 1) if odd else (1, 0) for odd in phase])
+            for phase, phase_kernel in zip(layers.PHASES, layers._phase_kernels(kernel))]  # pylint: disable=protected-access
   return layers._interleave_phases(jnp.stack(phases))  # pylint: disable=protected-access
 
 
@@ -318,24 +330,17 @@ def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
     return _reference_conv(x, kernel, 1) if impl == 'lax' else layers.conv3d_same(
         x, kernel, 1, [(1, 1)] * 3, impl)
 
-  wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
   if upsampled and conv_impl == 'flat':
     # 'flat' multiplies bfloat16 phase kernels (`_upsampled_flat_block_output`): the float32
     # reference with the phase kernels rounded to bfloat16 (the kernel gradient is unchanged).
     reference = functools.partial(_upsampled_phase_conv, phase_dtype=jnp.bfloat16)
-    np.testing.assert_allclose(_upsampled_phase_conv(*wide[:2], jnp.float32),
-                               conv('lax', *wide[:2]), rtol=1e-5, atol=1e-5)
+    wide = [a.astype(jnp.float32) for a in (x, kernel)]
+    np.testing.assert_allclose(_upsampled_phase_conv(*wide, jnp.float32), conv('lax', *wide),
+                               rtol=1e-5, atol=1e-5)
   else:
     reference = functools.partial(conv, 'lax')
-  got, vjp = jax.vjp(functools.partial(conv, conv_impl), x, kernel)
-  expected, expected_vjp = jax.vjp(reference, *wide[:2])
-  for name, value, reference in zip(('value', 'input gradient', 'kernel gradient'),
-                                    (got, *vjp(cotangent)),
-                                    (expected, *expected_vjp(wide[2]))):
-    assert value.dtype == jnp.bfloat16, name
-    # One bfloat16 rounding of the float32 result (8 significant bits: 2^-8 relative).
-    np.testing.assert_allclose(value.astype(jnp.float32), reference, rtol=2**-7, atol=1e-5,
-                               err_msg=name)
+  _assert_bfloat16_rounded_once(functools.partial(conv, conv_impl), reference, x, kernel,
+                                cotangent)
 
 
 @pytest.mark.parametrize('seed', range(4))
@@ -352,22 +357,10 @@ def test_bfloat16_flat_is_the_float32_convolution_rounded_once_for_any_kernel_sh
   kernel = jnp.asarray(rng.standard_normal((*kernel_size, 6, 5)) * 0.2, jnp.bfloat16)
   cotangent = jnp.asarray(rng.standard_normal((2, *size, 5)), jnp.bfloat16)
 
-  def conv(x, kernel):
-    return layers.conv3d_same(x, kernel, dilation, padding, 'flat')
-
-  def reference(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1, 1), padding, rhs_dilation=(dilation,) * 3,
-        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=jax.lax.Precision.HIGHEST)
-
-  got, vjp = jax.vjp(conv, x, kernel)
-  wide = [a.astype(jnp.float32) for a in (x, kernel, cotangent)]
-  expected, expected_vjp = jax.vjp(reference, *wide[:2])
-  for name, value, wanted in zip(('value', 'input gradient', 'kernel gradient'),
-                                 (got, *vjp(cotangent)), (expected, *expected_vjp(wide[2]))):
-    assert value.dtype == jnp.bfloat16, name
-    np.testing.assert_allclose(value.astype(jnp.float32), wanted, rtol=2**-7, atol=1e-5,
-                               err_msg=f'{name}, kernel {kernel_size}, dilation {dilation}')
+  _assert_bfloat16_rounded_once(
+      lambda x, kernel: layers.conv3d_same(x, kernel, dilation, padding, 'flat'),
+      lambda x, kernel: _reference_conv(x, kernel, dilation, padding=padding),
+      x, kernel, cotangent, f'kernel {kernel_size}, dilation {dilation}')
 
 
 @pytest.mark.parametrize('dtype,contracted', [(jnp.bfloat16, 3 * 3 * 8), (jnp.float32, 3 * 8)])
