@@ -664,10 +664,14 @@ def _upsample_nearest_forward(x):
 
 
 def _upsample_nearest_backward(_, cotangent):
-  batch, depth, height, width, features = cotangent.shape
-  windows = cotangent.astype(jnp.float32).reshape(
-      batch, depth // 2, 2, height // 2, 2, width // 2, 2, features)
+  windows = _windowed(cotangent.astype(jnp.float32))
   return (jnp.sum(windows, axis=(2, 4, 6)).astype(cotangent.dtype),)
+
+
+def _windowed(x):
+  """(batch, 2X, 2Y, 2Z, C) -> (batch, X, 2, Y, 2, Z, 2, C): each 2x2x2 window on axes 2, 4, 6."""
+  batch, *size, features = x.shape
+  return x.reshape(batch, size[0] // 2, 2, size[1] // 2, 2, size[2] // 2, 2, features)
 
 
 upsample_nearest.defvjp(_upsample_nearest_forward, _upsample_nearest_backward)
@@ -853,9 +857,7 @@ def _interleave_phases(stacked):
 
 def _deinterleave_phases(x):
   """The inverse of `_interleave_phases`: (batch, 2X, 2Y, 2Z, C) -> (2, 2, 2, batch, X, Y, Z, C)."""
-  batch, *size, features = x.shape
-  x = x.reshape(batch, size[0] // 2, 2, size[1] // 2, 2, size[2] // 2, 2, features)
-  return jnp.transpose(x, (2, 4, 6, 0, 1, 3, 5, 7))
+  return jnp.transpose(_windowed(x), (2, 4, 6, 0, 1, 3, 5, 7))
 
 
 def _upsampled_geometry(coarse_shape, products_per_row):

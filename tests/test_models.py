@@ -219,7 +219,6 @@ def test_decoder_block_equals_block_on_upsampled_concatenation(dtype, tolerance)
     np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
 
 
-
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_upsample_nearest_repeats_each_voxel_and_sums_its_window_gradient_once(dtype):
   rng = np.random.default_rng(2)
@@ -234,6 +233,7 @@ def test_upsample_nearest_repeats_each_voxel_and_sums_its_window_gradient_once(d
   window_sums = np.asarray(cotangent, np.float32).reshape(2, 2, 2, 3, 2, 1, 2, 5).sum((2, 4, 6))
   np.testing.assert_array_equal(np.asarray(gradient, np.float32),
                                 np.asarray(jnp.asarray(window_sums).astype(dtype), np.float32))
+
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_max_pool_equals_flax_max_pool_and_routes_gradient_to_first_maximum(dtype):
@@ -251,11 +251,10 @@ def test_max_pool_equals_flax_max_pool_and_routes_gradient_to_first_maximum(dtyp
   assert float(tied[0, 0, 0, 0, 0]) == 3 and float(jnp.sum(tied)) == 3
 
 
-
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_max_pool_gradient_goes_to_the_first_maximum_in_window_order_under_ties(dtype):
   # Values from {-1, -0, +0, 1}: most windows hold a tied maximum, at any positions, and -0
-  # ties with +0 (bfloat16 windows are compared as integers).
+  # ties with +0 (equal as floats, different as bits).
   rng = np.random.default_rng(1)
   x = rng.choice(np.array([-1.0, -0.0, 0.0, 1.0], np.float32), (2, 4, 6, 2, 3),
                  p=[0.3, 0.3, 0.3, 0.1])
@@ -272,6 +271,7 @@ def test_max_pool_gradient_goes_to_the_first_maximum_in_window_order_under_ties(
     expected[n, 2 * i + a, 2 * j + b, 2 * k + d, c] = cotangent[index]
   np.testing.assert_array_equal(np.asarray(grad, np.float32),
                                 expected.astype(dtype).astype(np.float32))
+
 
 def _reference_conv(x, kernel, dilation, precision=jax.lax.Precision.HIGHEST, padding=None):
   """The native convolution; `padding` per axis, default 'SAME' for an odd cubic kernel."""
