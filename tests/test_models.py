@@ -401,6 +401,38 @@ def test_bfloat16_flat_is_the_float32_convolution_rounded_once_for_any_kernel_sh
       x, kernel, cotangent, f'kernel {kernel_size}, dilation {dilation}')
 
 
+@pytest.mark.parametrize('shape,features', [
+    ((2, 5, 6, 8, 4), 3), ((1, 4, 3, 2, 1), 2), ((1, 6, 5, 10, 3), 4)])
+def test_paired_flat_is_the_float32_convolution_rounded_once(shape, features):
+  # Up to PAIRED_MAX_CHANNELS input channels bfloat16 'flat' pairs width neighbours
+  # (`layers._paired_flat_conv`): products of (depth, 2 pair taps, 2 x in) columns.
+  rng = np.random.default_rng(shape[-1])
+  x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, shape[-1], features)) * 0.2, jnp.bfloat16)
+  cotangent = jnp.asarray(rng.standard_normal((*shape[:4], features)), jnp.bfloat16)
+  conv = lambda x, kernel: layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat')
+  products = _column_products(conv, x, kernel)
+  assert [eqn.invars[1].aval.shape for eqn in products] == [
+      (3 * 2 * 2 * shape[-1], 3 * 2 * features)]
+  _assert_bfloat16_rounded_once(conv, lambda x, kernel: _reference_conv(x, kernel, 1),
+                                x, kernel, cotangent, f'shape {shape}')
+
+
+@pytest.mark.parametrize('dtype,channels,width,dilation,paired', [
+    (jnp.bfloat16, 4, 8, 1, True), (jnp.float32, 4, 8, 1, False),
+    (jnp.bfloat16, 5, 8, 1, False), (jnp.bfloat16, 4, 7, 1, False),
+    (jnp.bfloat16, 4, 8, 2, False)])
+def test_flat_pairs_width_neighbours_of_narrow_bfloat16_inputs_only(
+    dtype, channels, width, dilation, paired):
+  x = jnp.ones((1, 6, 6, width, channels), dtype)
+  kernel = jnp.ones((3, 3, 3, channels, 4), dtype)
+  padding = [(dilation, dilation)] * 3
+  assert layers._pairs_width(x, kernel, dilation, padding) == paired  # pylint: disable=protected-access
+  products = _column_products(lambda x, k: layers.conv3d_same(
+      x, k, dilation, padding, 'flat'), x, kernel)
+  assert (products[0].invars[1].aval.shape[1] == 3 * 2 * 4) == paired
+
+
 @pytest.mark.parametrize('dtype,contracted', [(jnp.bfloat16, 3 * 3 * 8), (jnp.float32, 3 * 8)])
 def test_flat_folds_the_width_taps_into_bfloat16_products_only(dtype, contracted):
   x = jnp.ones((1, 6, 6, 6, 8), dtype)
@@ -455,8 +487,9 @@ def test_auto_runs_flat_for_a_bfloat16_model_on_cpu(monkeypatch):
     original = getattr(layers, name)
     monkeypatch.setattr(layers, name, functools.partial(
         lambda original, name, *args: calls.append(name) or original(*args), original, name))
-  x = jnp.ones((1, 4, 4, 4, 3), jnp.bfloat16)
-  kernel = jnp.ones((3, 3, 3, 3, 2), jnp.bfloat16)
+  # More channels than PAIRED_MAX_CHANNELS: `_flat_conv` itself.
+  x = jnp.ones((1, 4, 4, 4, 8), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3, 8, 2), jnp.bfloat16)
   assert _spatial_ranks_of_convolutions(
       lambda x, k: layers.conv3d_same(x, k, 1, [(1, 1)] * 3, 'auto'), x, kernel) == []
   assert _spatial_ranks_of_convolutions(
@@ -466,6 +499,11 @@ def test_auto_runs_flat_for_a_bfloat16_model_on_cpu(monkeypatch):
   assert _spatial_ranks_of_convolutions(
       lambda x, k: layers.conv3d_same(x, k, 1, [(1, 1)] * 3, 'auto'),
       x.astype(jnp.float32), kernel.astype(jnp.float32)) == [2]
+
+
+def _column_products(fn, *args):
+  """The matrix products `fn` runs (not the einsum that builds a paired kernel)."""
+  return [eqn for eqn in _equations('dot_general', fn, *args) if eqn.invars[1].aval.ndim == 2]
 
 
 def _equations(primitive, fn, *args):
@@ -514,8 +552,8 @@ def test_flat_multiplies_in_bfloat16_only_what_holds_bfloat16_values(
     x_dtype, kernel_dtype, forward, input_gradient, kernel_gradient, kernel_gradient_form):
   per_window = kernel_gradient == 'bfloat16' and kernel_gradient_form == 'per window'
   product_dtypes = sorted([forward, input_gradient] + [kernel_gradient] * (9 if per_window else 1))
-  x = jnp.ones((1, 4, 4, 4, 3), x_dtype)
-  kernel = jnp.ones((3, 3, 3, 3, 2), kernel_dtype)
+  x = jnp.ones((1, 4, 4, 4, 8), x_dtype)  # not paired (PAIRED_MAX_CHANNELS)
+  kernel = jnp.ones((3, 3, 3, 8, 2), kernel_dtype)
 
   def loss(x, kernel):
     return jnp.sum(layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat').astype(jnp.float32))
