@@ -41,6 +41,42 @@ def test_soft_dice_is_zero_for_a_perfect_confident_prediction():
   assert float(losses.compute_loss('ce_dice', logits, labels, jnp.ones(2))) < 1e-4
 
 
+def _autodiff_loss(name, logits, labels, mask):
+  """The losses written plainly with jax.nn, differentiated by JAX (the reference)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  per_voxel = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  per_example = jnp.mean(per_voxel, axis=tuple(range(1, per_voxel.ndim)))
+  ce = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  probs = jnp.exp(log_probs)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  weight = mask.reshape((-1,) + (1,) * (probs.ndim - 1))
+  intersection = jnp.sum(probs * one_hot * weight, axis=(0, 1, 2, 3))
+  total = jnp.sum((probs + one_hot) * weight, axis=(0, 1, 2, 3))
+  dice = 1.0 - jnp.mean((2.0 * intersection + 1.0) / (total + 1.0))
+  return {'ce': ce, 'dice': dice, 'ce_dice': ce + dice}[name]
+
+
+@pytest.mark.parametrize('name', losses.LOSSES)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('mask', [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)])
+def test_loss_value_and_written_out_gradient_match_autodiff(name, dtype, mask):
+  logits, labels = _random(shape=(2, 3, 4, 5), seed=1)
+  logits, mask = (3.0 * logits).astype(dtype), jnp.asarray(mask, jnp.float32)
+  value, gradient = jax.value_and_grad(losses.compute_loss, argnums=1)(name, logits, labels,
+                                                                       mask)
+  expected, expected_gradient = jax.value_and_grad(_autodiff_loss, argnums=1)(
+      name, logits, labels, mask)
+  assert gradient.dtype == dtype
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  # bfloat16: both gradients are float32 ones rounded once to 8 significant bits.
+  tolerance = 1e-5 if dtype == jnp.float32 else 2**-7
+  np.testing.assert_allclose(gradient.astype(jnp.float32), expected_gradient.astype(jnp.float32),
+                             rtol=tolerance, atol=1e-7)
+  # The mask is data: no gradient flows to it.
+  mask_gradient = jax.grad(losses.compute_loss, argnums=3)(name, logits, labels, mask)
+  np.testing.assert_array_equal(mask_gradient, np.zeros(2))
+
+
 def test_unknown_loss():
   logits, labels = _random()
   with pytest.raises(ValueError, match='train.loss must be one of'):
