@@ -979,10 +979,12 @@ def test_batch_norm_gradient_does_not_store_the_centred_input():
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_batch_norm_writes_no_float32_map_but_its_outputs(dtype):
+def test_batch_norm_writes_no_float32_map_but_its_outputs(monkeypatch, dtype):
   # XLA:CPU sums a whole map with YNNPACK from a materialised input: a float32 copy of a
   # bfloat16 map, the centred map, the product of cotangent and centred map. The statistics and
-  # the backward's sums are taken over depth slices instead (`_channel_sums`).
+  # the backward's sums are taken over blocks of depth slices instead (`_channel_sums`), here
+  # one slice each (a map this small fits in one block of CHANNEL_SUM_BLOCK_BYTES).
+  monkeypatch.setattr(layers, 'CHANNEL_SUM_BLOCK_BYTES', 0)
   shape = (1, 8, 8, 8, 16)
   x = jnp.ones(shape, dtype)
   module = layers.BatchNorm(use_running_average=False, dtype=dtype)
@@ -997,6 +999,18 @@ def test_batch_norm_writes_no_float32_map_but_its_outputs(dtype):
   assert len(maps) == (2 if dtype == jnp.float32 else 0), maps  # y and x's gradient
 
 
+# One slice, two (float32 slices of a batch of 2 x 5 x 7 x 3, two maps) or all 6 per block.
+@pytest.mark.parametrize('block_bytes', [0, 2 * (2 * 5 * 7 * 3 * 4 * 2), 2**30])
+def test_channel_sums_over_blocks_of_depth_slices_are_the_sums(monkeypatch, block_bytes):
+  monkeypatch.setattr(layers, 'CHANNEL_SUM_BLOCK_BYTES', block_bytes)
+  rng = np.random.default_rng(0)
+  x, g = (jnp.asarray(rng.standard_normal((2, 6, 5, 7, 3)), jnp.float32) for _ in range(2))
+  sums = jax.jit(lambda g, x: layers._channel_sums(  # pylint: disable=protected-access
+      lambda g, x: (g, g * x), g, x))(g, x)
+  np.testing.assert_allclose(sums[0], np.sum(g, axis=(0, 1, 2, 3)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sums[1], np.sum(g * x, axis=(0, 1, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
 def _float32_maps_written(lowered, shape):
   """The instructions of the compiled program's ENTRY computation that write a float32 array of
   `shape` (parameters left out)."""
@@ -1008,10 +1022,11 @@ def _float32_maps_written(lowered, shape):
 
 
 @pytest.mark.parametrize('kernel', [1, 3])
-def test_bfloat16_decoder_conv_and_batch_norm_write_no_float32_map(kernel):
+def test_bfloat16_decoder_conv_and_batch_norm_write_no_float32_map(monkeypatch, kernel):
   # Summed after the two convolutions (upsampled map's, skip's), the sum was kept in float32 by
   # XLA:CPU (excess precision) and read so by the BatchNorm: a float32 map of the output's size,
   # in the step and in its memory. The decoder convolutions sum in their loops instead.
+  monkeypatch.setattr(layers, 'CHANNEL_SUM_BLOCK_BYTES', 0)  # BatchNorm sums slice by slice
   x = jnp.ones((1, 4, 4, 4, 16), jnp.bfloat16)
   skip = jnp.ones((1, 8, 8, 8, 8), jnp.bfloat16)
   conv = layers.Conv3D(16, kernel_size=kernel, dtype=jnp.bfloat16, conv_impl='flat')

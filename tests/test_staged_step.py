@@ -70,9 +70,11 @@ def test_staged_step_equals_fused_step(overrides):
     np.testing.assert_array_equal(staged['counts'], fused['counts'])
   assert int(staged_state.step) == int(fused_state.step) == 2
   # Two Adam steps of lr 1e-3 move parameters by up to 2e-3; Adam's g / sqrt(v) magnifies float
-  # rounding where a gradient is near 0, so allow 2.5% of that move (the gradients themselves
-  # are compared tightly below).
-  _assert_close_trees(staged_state.params, fused_state.params, rtol=1e-4, atol=5e-5)
+  # rounding where a gradient is near 0, so allow 5% of that move (2.9% seen in one kernel
+  # element with the BatchNorm sums taken over blocks of slices; a wrong gradient moves a
+  # parameter by the whole 2e-3 the other way; the gradients themselves are compared tightly
+  # below).
+  _assert_close_trees(staged_state.params, fused_state.params, rtol=1e-4, atol=1e-4)
   _assert_close_trees(staged_state.batch_stats, fused_state.batch_stats, rtol=1e-4, atol=1e-6)
   _assert_close_trees(staged_state.opt_state, fused_state.opt_state, rtol=1e-3, atol=1e-7)
 
