@@ -426,8 +426,8 @@ def _paired_flat_conv(x, kernel):
   and p + 1: the convolution is a 'flat' one over the pairs with a 2-tap width kernel, twice
   the channels and twice the filters (`_paired_kernel`, a quarter of it zeros). At 4 input
   channels that turns the products [60100, 36] x [36, 24] of a 48^3 x 4 -> 8 layer into
-  [30050, 48] x [48, 48], which run faster per row than the narrower ones cost in
-  extra products: forward and kernel gradient (the first layer has no input gradient) 12.7 ->
+  [30050, 48] x [48, 48], faster than the narrow ones even with the extra (zero)
+  products: forward and kernel gradient (the first layer has no input gradient) 12.7 ->
   7.5 ms, at 96^3 x 4 -> 64 355 -> 223 ms; demo bfloat16 step 0.182 -> 0.173 s (A/B). The
   kernel gradient is mapped back to the 3-tap kernel in float32, then rounded once.
   """
@@ -1229,11 +1229,11 @@ def _channel_sums(terms, *maps):
   their slices) handed to `terms` in float32.
 
   On CPU the sums are taken over blocks of depth slices in a loop (CHANNEL_SUM_BLOCK_BYTES),
-  each block's terms made where they are read (bfloat16 slices converted there): XLA:CPU sums a whole map with YNNPACK, which takes a
-  materialised input, so each sum of a converted map or of a product of maps first writes a
-  float32 map of its own. BatchNorm forward+backward at 96^3 x 64: bfloat16 0.150 -> 0.069 s,
-  float32 0.093 -> 0.087 s; 96^3 step, A/B: bfloat16 10.82 -> 10.67 s, peak RSS 8.35 -> 7.57
-  GiB; float32 18.36 -> 17.43 s, 9.30 -> 7.57 GiB.
+  each block's terms made where they are read (bfloat16 slices converted there): XLA:CPU sums
+  a whole map with YNNPACK, which takes a materialised input, so each sum of a converted map or
+  of a product of maps first writes a float32 map of its own. BatchNorm forward+backward at
+  96^3 x 64: bfloat16 0.150 -> 0.069 s, float32 0.093 -> 0.087 s; 96^3 step, A/B: bfloat16
+  10.82 -> 10.67 s, peak RSS 8.35 -> 7.57 GiB; float32 18.36 -> 17.43 s, 9.30 -> 7.57 GiB.
   """
   axes = tuple(range(maps[0].ndim - 1))
   if maps[0].ndim < 3 or jax.default_backend() != 'cpu':

@@ -427,7 +427,8 @@ def test_flat_pairs_width_neighbours_of_narrow_bfloat16_inputs_only(
   x = jnp.ones((1, 6, 6, width, channels), dtype)
   kernel = jnp.ones((3, 3, 3, channels, 4), dtype)
   padding = [(dilation, dilation)] * 3
-  assert layers._pairs_width(x, kernel, dilation, padding) == paired  # pylint: disable=protected-access
+  pairs = layers._pairs_width  # pylint: disable=protected-access
+  assert pairs(x, kernel, dilation, padding) == paired
   products = _column_products(lambda x, k: layers.conv3d_same(
       x, k, dilation, padding, 'flat'), x, kernel)
   assert (products[0].invars[1].aval.shape[1] == 3 * 2 * 4) == paired
