@@ -107,7 +107,7 @@ def conv3d_same(x, kernel, dilation, padding, conv_impl):
     return _im2col_conv(x, kernel, dilation, padding)
   if impl == 'flat':
     if _pairs_width(x, kernel, dilation, padding):
-      return _paired_flat_conv(x, kernel)
+      return _paired_flat_conv(x, kernel, padding[:2] + ((0, 0),))
     return _flat_conv(x, kernel, dilation, padding)
   batch, depth, height, width, channels = x.shape
   depth_taps = kernel.shape[0]
@@ -414,13 +414,10 @@ def _width_pairs(x):
   return _sliced_as_bits(x, paired)
 
 
-# The paired convolution's padding: depth and height as 'SAME', the width padded already.
-_PAIRED_PADDING = ((1, 1), (1, 1), (0, 0))
-
-
-@jax.custom_vjp
-def _paired_flat_conv(x, kernel):
-  """`_flat_conv` of a narrow input ('SAME', 3-tap width) with width neighbours paired.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _paired_flat_conv(x, kernel, padding):
+  """`_flat_conv` of a narrow input (3-tap width padded (1, 1)) with width neighbours paired;
+  `padding` is the depth and height padding, and (0, 0) for the width (`_width_pairs` pads it).
 
   Output pair (2p, 2p + 1) reads the padded input's voxels 2p .. 2p + 3, i.e. input pairs p
   and p + 1: the convolution is a 'flat' one over the pairs with a 2-tap width kernel, twice
@@ -431,12 +428,12 @@ def _paired_flat_conv(x, kernel):
   7.5 ms, at 96^3 x 4 -> 64 355 -> 223 ms; demo bfloat16 step 0.182 -> 0.173 s (A/B). The
   kernel gradient is mapped back to the 3-tap kernel in float32, then rounded once.
   """
-  return _paired_output(x, kernel)
+  return _paired_output(x, kernel, padding)
 
 
-def _paired_output(x, kernel):
+def _paired_output(x, kernel, padding):
   pairs, paired_kernel = _width_pairs(x), _paired_kernel(kernel)
-  geometry = _FlatGeometry(pairs.shape, paired_kernel.shape, 1, _PAIRED_PADDING)
+  geometry = _FlatGeometry(pairs.shape, paired_kernel.shape, 1, padding)
   block_output = _flat_block_output(pairs, paired_kernel, geometry)
   # Pairs back to voxels per block: reshaped after the loop, the map was copied twice
   # (96^3 bfloat16 step temporaries +0.1 GiB).
@@ -445,16 +442,16 @@ def _paired_output(x, kernel):
       geometry.count, x.dtype)
 
 
-def _paired_forward(x, kernel):
-  return _paired_output(x, kernel), (x, kernel)
+def _paired_forward(x, kernel, padding):
+  return _paired_output(x, kernel, padding), (x, kernel)
 
 
-def _paired_backward(residuals, cotangent):
+def _paired_backward(padding, residuals, cotangent):
   x, kernel = residuals
   pairs, paired_kernel = _width_pairs(x), _paired_kernel(kernel)
   paired_cotangent = cotangent.reshape(*x.shape[:3], x.shape[3] // 2, -1)
   pairs_gradient, paired_kernel_gradient = _flat_conv_backward(
-      1, _PAIRED_PADDING, (pairs, paired_kernel), paired_cotangent, kernel_dtype=IM2COL_DTYPE)
+      1, padding, (pairs, paired_kernel), paired_cotangent, kernel_dtype=IM2COL_DTYPE)
   x_gradient = _sliced_as_bits(
       pairs_gradient, lambda a: a.reshape(*x.shape[:3], x.shape[3] + 2, -1)[:, :, :, 1:-1])
   _, unpair = jax.vjp(_paired_kernel, kernel.astype(IM2COL_DTYPE))

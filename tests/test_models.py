@@ -401,21 +401,27 @@ def test_bfloat16_flat_is_the_float32_convolution_rounded_once_for_any_kernel_sh
       x, kernel, cotangent, f'kernel {kernel_size}, dilation {dilation}')
 
 
-@pytest.mark.parametrize('shape,features', [
-    ((2, 5, 6, 8, 4), 3), ((1, 4, 3, 2, 1), 2), ((1, 6, 5, 10, 3), 4)])
-def test_paired_flat_is_the_float32_convolution_rounded_once(shape, features):
+@pytest.mark.parametrize('shape,features,kernel_size', [
+    ((2, 5, 6, 8, 4), 3, (3, 3, 3)), ((1, 4, 3, 2, 1), 2, (3, 3, 3)),
+    ((1, 6, 5, 10, 3), 4, (3, 3, 3)), ((1, 4, 5, 6, 2), 3, (1, 5, 3))])
+def test_paired_flat_is_the_float32_convolution_rounded_once(shape, features, kernel_size):
   # Up to PAIRED_MAX_CHANNELS input channels bfloat16 'flat' pairs width neighbours
-  # (`layers._paired_flat_conv`): products of (depth, 2 pair taps, 2 x in) columns.
+  # (`layers._paired_flat_conv`): products of (depth, 2 pair taps, 2 x in) columns, with
+  # the depth and height kernel and padding as given ('SAME' here).
   rng = np.random.default_rng(shape[-1])
   x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, shape[-1], features)) * 0.2, jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((*kernel_size, shape[-1], features)) * 0.2,
+                       jnp.bfloat16)
   cotangent = jnp.asarray(rng.standard_normal((*shape[:4], features)), jnp.bfloat16)
-  conv = lambda x, kernel: layers.conv3d_same(x, kernel, 1, [(1, 1)] * 3, 'flat')
+  padding = [(k // 2, k // 2) for k in kernel_size]
+  conv = lambda x, kernel: layers.conv3d_same(x, kernel, 1, padding, 'flat')
   products = _column_products(conv, x, kernel)
+  depth, height = kernel_size[:2]
   assert [eqn.invars[1].aval.shape for eqn in products] == [
-      (3 * 2 * 2 * shape[-1], 3 * 2 * features)]
-  _assert_bfloat16_rounded_once(conv, lambda x, kernel: _reference_conv(x, kernel, 1),
-                                x, kernel, cotangent, f'shape {shape}')
+      (depth * 2 * 2 * shape[-1], height * 2 * features)]
+  _assert_bfloat16_rounded_once(
+      conv, lambda x, kernel: _reference_conv(x, kernel, 1, padding=padding),
+      x, kernel, cotangent, f'shape {shape}, kernel {kernel_size}')
 
 
 @pytest.mark.parametrize('dtype,channels,width,dilation,paired', [
