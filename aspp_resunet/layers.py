@@ -1209,8 +1209,28 @@ class Conv3D(nn.Module):
       y = decoder_conv(x, skip.astype(self.dtype), kernel, self.conv_impl)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      y = add_bias(y, bias)
     return y
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+  """y + bias (per channel, cast to y's dtype), whose bias gradient is the cotangent's
+  per-channel sum in float32 (`_channel_sums`), returned in the bias's dtype: autodiff summed
+  a float32 copy of the head's cotangent with a reduce-window (1.2 ms + 0.3 ms in the demo
+  bfloat16 step) and rounded the sum to y's dtype."""
+  return y + bias.astype(y.dtype)
+
+
+def _add_bias_forward(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_backward(bias, cotangent):
+  return cotangent, _channel_sums(lambda g: (g,), cotangent)[0].astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_forward, _add_bias_backward)
 
 
 def make_norm(kind, train, dtype, name, momentum=BATCH_NORM_MOMENTUM):

@@ -220,6 +220,22 @@ def test_decoder_block_equals_block_on_upsampled_concatenation(dtype, tolerance)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_bias_gradient_is_the_cotangent_summed_in_float32(dtype):
+  rng = np.random.default_rng(3)
+  y = jnp.asarray(rng.standard_normal((2, 4, 6, 8, 3)), dtype)
+  bias = jnp.asarray(rng.standard_normal(3), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal(y.shape), dtype)
+  output, vjp = jax.vjp(layers.add_bias, y, bias)
+  np.testing.assert_array_equal(output, y + bias.astype(dtype))
+  y_gradient, bias_gradient = vjp(cotangent)
+  np.testing.assert_array_equal(y_gradient, cotangent)
+  assert bias_gradient.dtype == jnp.float32
+  # Not rounded to bfloat16 (an error of ~0.05 on these sums of 384 values).
+  np.testing.assert_allclose(bias_gradient, np.asarray(cotangent, np.float64).sum((0, 1, 2, 3)),
+                             rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_upsample_nearest_repeats_each_voxel_and_sums_its_window_gradient_once(dtype):
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 2, 3, 1, 5)).astype(np.float32)
