@@ -295,10 +295,17 @@ def _flat_conv(x, kernel, dilation, padding):
   return _flat_conv_output(x, kernel, dilation, padding)
 
 
-def _flat_conv_output(x, kernel, dilation, padding, as_bits=False):
+def _flat_conv_output(x, kernel, dilation, padding, as_bits=False, in_plane_shape=None):
+  """`_flat_conv`'s output; with `in_plane_shape` each block's output reshaped to that
+  (height, width) (`_paired_output`'s pairs back to voxels: reshaped after the loop, the map
+  was copied twice, 96^3 bfloat16 step temporaries +0.1 GiB)."""
   geometry = _FlatGeometry(x.shape, kernel.shape, dilation, padding)
-  return _map_depth_blocks(_flat_block_output(x, kernel, geometry), geometry.count, x.dtype,
-                           as_bits)
+  block_output = _flat_block_output(x, kernel, geometry)
+  if in_plane_shape is not None:
+    unshaped_output = block_output
+    block_output = lambda index: unshaped_output(index).reshape(
+        x.shape[0], geometry.block, *in_plane_shape, -1)
+  return _map_depth_blocks(block_output, geometry.count, x.dtype, as_bits)
 
 
 def _flat_block_output(x, kernel, geometry):
@@ -432,14 +439,8 @@ def _paired_flat_conv(x, kernel, padding):
 
 
 def _paired_output(x, kernel, padding):
-  pairs, paired_kernel = _width_pairs(x), _paired_kernel(kernel)
-  geometry = _FlatGeometry(pairs.shape, paired_kernel.shape, 1, padding)
-  block_output = _flat_block_output(pairs, paired_kernel, geometry)
-  # Pairs back to voxels per block: reshaped after the loop, the map was copied twice
-  # (96^3 bfloat16 step temporaries +0.1 GiB).
-  return _map_depth_blocks(
-      lambda index: block_output(index).reshape(x.shape[0], geometry.block, *x.shape[2:4], -1),
-      geometry.count, x.dtype)
+  return _flat_conv_output(_width_pairs(x), _paired_kernel(kernel), 1, padding,
+                           in_plane_shape=x.shape[2:4])
 
 
 def _paired_forward(x, kernel, padding):
@@ -763,12 +764,6 @@ def _upsample_nearest_backward(_, cotangent):
   return (total.astype(cotangent.dtype),)
 
 
-def _windowed(x):
-  """(batch, 2X, 2Y, 2Z, C) -> (batch, X, 2, Y, 2, Z, 2, C): each 2x2x2 window on axes 2, 4, 6."""
-  batch, *size, features = x.shape
-  return x.reshape(batch, size[0] // 2, 2, size[1] // 2, 2, size[2] // 2, 2, features)
-
-
 upsample_nearest.defvjp(_upsample_nearest_forward, _upsample_nearest_backward)
 
 
@@ -948,6 +943,12 @@ def _interleave_phases(stacked):
   stacked = stacked.reshape(2, 2, 2, batch, *size, features)
   return jnp.transpose(stacked, (3, 4, 0, 5, 1, 6, 2, 7)).reshape(
       batch, *(2 * s for s in size), features)
+
+
+def _windowed(x):
+  """(batch, 2X, 2Y, 2Z, C) -> (batch, X, 2, Y, 2, Z, 2, C): each 2x2x2 window on axes 2, 4, 6."""
+  batch, *size, features = x.shape
+  return x.reshape(batch, size[0] // 2, 2, size[1] // 2, 2, size[2] // 2, 2, features)
 
 
 def _deinterleave_phases(x):
