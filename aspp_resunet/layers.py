@@ -243,6 +243,24 @@ class _FlatGeometry:
                                          for planes in self.depth_planes
                                          for offset in in_plane_offsets)])
 
+  def transposed_columns(self, rows, depth_planes):
+    """The windows `window(rows, d)` for d in `depth_planes` side by side in the channels, as a
+    (d, channels) x (batch, length) matrix: a kernel gradient's left operand.
+
+    Bits (bfloat16 rows) are transposed once per block, and the windows are row ranges of the
+    transposed rows: transposed after the join (`_transposed`), each value was moved once per
+    window (48^3 x 8 kernel gradient, 2 blocks alone: 7.8 -> 6.2 ms; 24^3 x 16 1.8 -> 1.5 ms).
+    Float32 columns keep `_transposed`'s view of the join (no copy).
+    """
+    batch, _, channels = rows.shape
+    if rows.dtype != jnp.uint16:
+      columns = _join_channels([self.window(rows, planes) for planes in depth_planes])
+      return _transposed(columns.reshape(-1, len(depth_planes) * channels))
+    channel_rows = jnp.transpose(rows, (2, 0, 1))  # (channels, batch, rows)
+    columns = jnp.concatenate([channel_rows[:, :, start:start + self.length]
+                               for start in (planes * self.plane for planes in depth_planes)])
+    return _operand(columns.reshape(len(depth_planes) * channels, batch * self.length))
+
   def crop(self, rows):
     """A block's output rows on the padded plane -> (batch, block, out height, out width, C)."""
     out_height, out_width = self.out_shape[1:]
@@ -374,8 +392,8 @@ def _flat_kernel_gradient(x, cotangent, kernel_shape, dilation, padding):
     windows = _windows_to_multiply(
         [(geometry.placed(cotangent, index, column_dtype), geometry.in_plane_offsets)],
         geometry.tap_window, _join_channels)
-    columns = _transposed(
-        _operand(geometry.columns(x, index, column_dtype)).reshape(-1, kd * channels))
+    columns = geometry.transposed_columns(geometry.rows(x, index, column_dtype),
+                                          geometry.depth_planes)
     return total + _window_products(columns, windows), None
 
   total, _ = jax.lax.scan(add_block, jnp.zeros((kd * channels, kh * kw * features), IM2COL_DTYPE),
@@ -1089,9 +1107,8 @@ def _upsampled_flat_kernel_gradient(x, phases, kernels_shape):
       # 0.91 s).
       windows = _windows_to_multiply(sources, geometry.tap_window,
                                      functools.partial(jnp.concatenate, axis=-1))
-      columns = _join_channels([geometry.window(rows, p + a) for a in (0, 1)])
       products.append(_window_products(
-          _transposed(_operand(columns).reshape(-1, 2 * channels)), windows))
+          geometry.transposed_columns(rows, [p + a for a in (0, 1)]), windows))
     return total + jnp.stack(products), None
 
   total, _ = jax.lax.scan(add_block,

@@ -375,10 +375,12 @@ def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
   # Values and all gradients: summing the column gradients in bfloat16 instead (as the column
   # copies' transpose does in the input dtype) is off by up to 280% on small entries.
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((1, 6, 4, 5, 16)), jnp.bfloat16)
+  # Two examples: the kernel gradients' columns hold both examples' rows, in the order of the
+  # cotangent's.
+  x = jnp.asarray(rng.standard_normal((2, 6, 4, 5, 16)), jnp.bfloat16)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 8)) * 0.2, jnp.bfloat16)
   out_size = tuple(s * (2 if upsampled else 1) for s in x.shape[1:4])
-  cotangent = jnp.asarray(rng.standard_normal((1, *out_size, 8)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.standard_normal((2, *out_size, 8)), jnp.bfloat16)
 
   def conv(impl, x, kernel):
     if upsampled:
