@@ -473,6 +473,17 @@ def test_flat_folds_the_width_taps_into_bfloat16_products_only(dtype, contracted
       (contracted, 27 * 8 * 4 // contracted)]
 
 
+@pytest.mark.parametrize('dtype,shapes', [
+    (jnp.bfloat16, [(2 * 2 * 16, 2 * 2 * 8)] * 4), (jnp.float32, [(2 * 16, 16 * 8)] * 2)])
+def test_upsampled_flat_folds_the_width_taps_into_bfloat16_products_only(dtype, shapes):
+  x = jnp.ones((1, 4, 4, 4, 16), dtype)
+  kernel = jnp.ones((3, 3, 3, 16, 8), dtype)
+  products = _column_products(lambda x, k: layers._upsampled_conv(x, k, 'flat'), x, kernel)  # pylint: disable=protected-access
+  # bfloat16: per depth and width parity (depth taps, width taps, in) x (height parity,
+  # height taps, out); float32: per depth parity (depth taps, in) x (in-plane phases, taps, out).
+  assert [eqn.invars[1].aval.shape for eqn in products] == shapes
+
+
 def test_model_output_is_the_same_with_every_conv_impl():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)), jnp.float32)
   outputs = []
