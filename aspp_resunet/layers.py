@@ -249,8 +249,9 @@ class _FlatGeometry:
 
     Bits (bfloat16 rows) are transposed once per block, and the windows are row ranges of the
     transposed rows: transposed after the join (`_transposed`), each value was moved once per
-    window (48^3 x 8 kernel gradient, 2 blocks alone: 7.8 -> 6.2 ms; 24^3 x 16 1.8 -> 1.5 ms).
-    Float32 columns keep `_transposed`'s view of the join (no copy).
+    window (48^3 x 8 kernel gradient, 2 blocks alone: 7.8 -> 6.2 ms; 24^3 x 16 1.8 -> 1.5 ms;
+    these copies in the demo bfloat16 step's profile 7.5 -> 3.1 ms; 96^3 bfloat16 step, A/B:
+    20.23 -> 19.32 s). Float32 columns keep `_transposed`'s view of the join (no copy).
     """
     batch, _, channels = rows.shape
     if rows.dtype != jnp.uint16:
@@ -994,7 +995,8 @@ def _upsampled_flat_conv(x, kernels):
   `kernels`: (p, q, r, a, b, c, in, out) in IM2COL_DTYPE. Per block and depth parity p, one
   column matrix (depth taps p, p + 1 of the padded coarse map) times the kernels arranged
   (a, in) x (q, r, b, c, out) gives all 16 in-plane partial outputs of that parity, summed at
-  their row offsets and interleaved. Backward: the input gradient per in-plane parity (q, r)
+  their row offsets and interleaved (bfloat16: width taps folded in, one product per width
+  parity too, `_upsampled_flat_block_output`). Backward: the input gradient per in-plane parity (q, r)
   from the cotangent's 4 phases of that parity (both depth parities in one column matrix), the
   kernel gradient per depth parity; residuals are x and the kernels. Compared with 8 separate
   'flat' convolutions (coarse 64^3 x 128 -> 64, forward+backward): 2.57 -> 2.17 s, 1057 -> 161
@@ -1024,8 +1026,9 @@ def _upsampled_flat_block_output(x, kernels, geometry):
   For bfloat16 products the width taps are folded into the columns, as in `_flat_block_output`:
   one product per depth parity p and width parity r, columns at width offsets r + c (taps c = 0,
   1) times the kernels arranged (a, c, in) x (q, b, out); 8 partial outputs per row instead of
-  16. Alone, decoder_0's conv1 forward: demo 4.8 -> 3.7 ms, 96^3 581 -> 552 ms. With all 3 width
-  offsets in one product per p (zeros where r + c is not one), 4.8 -> 5.3 and 569 -> 749 ms.
+  16. Alone, decoder_0's conv1 forward: demo 4.8 -> 3.7 ms, 96^3 581 -> 552 ms; bfloat16 step,
+  A/B: demo 0.1235 -> 0.1172 s, 96^3 19.89 -> 19.16 s. With all 3 width offsets in one product
+  per p (zeros where r + c is not one), alone 4.8 -> 5.3 and 569 -> 749 ms.
   """
   product_dtype = _product_dtype(x)
   kernels = kernels.astype(product_dtype)  # (p, q, r, a, b, c, in, out)
