@@ -1,6 +1,7 @@
 """Building blocks: 3D convolution, normalisation factory and the residual block (paper eq. 3-4)."""
 
 import functools
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -231,21 +232,20 @@ class _FlatGeometry:
     """The block's column rows read at a depth offset of whole planes."""
     return rows[:, depth_planes * self.plane:depth_planes * self.plane + self.length]
 
-  def columns(self, x, index, dtype=IM2COL_DTYPE, in_plane_offsets=(0,)):
-    """The block's taps side by side: its rows at each depth tap and each of `in_plane_offsets`
-    (the row offsets of in-plane taps folded into the columns, in ascending order), (batch,
-    rows, kd * len(in_plane_offsets) * channels), as many rows as the in-plane taps left to
-    the product need (`length` with none folded in)."""
-    rows = self.rows(x, index, dtype)
+  def columns(self, rows, depth_planes, in_plane_offsets=(0,)):
+    """A block's taps side by side: its `rows` at each of `depth_planes` (whole planes) and each
+    of `in_plane_offsets` (the row offsets of in-plane taps folded into the columns, in
+    ascending order), (batch, rows, len(depth_planes) * len(in_plane_offsets) * channels), as
+    many rows as the in-plane taps left to the product need (`length` with none folded in)."""
     length = self.length - in_plane_offsets[-1]
     return _join_channels([rows[:, start:start + length]
                            for start in (planes * self.plane + offset
-                                         for planes in self.depth_planes
+                                         for planes in depth_planes
                                          for offset in in_plane_offsets)])
 
   def transposed_columns(self, rows, depth_planes):
-    """The windows `window(rows, d)` for d in `depth_planes` side by side in the channels, as a
-    (d, channels) x (batch, length) matrix: a kernel gradient's left operand.
+    """`columns(rows, depth_planes)` as a (d, channels) x (batch, length) matrix: a kernel
+    gradient's left operand.
 
     Bits (bfloat16 rows) are transposed once per block, and the windows are row ranges of the
     transposed rows: transposed after the join (`_transposed`), each value was moved once per
@@ -255,7 +255,7 @@ class _FlatGeometry:
     """
     batch, _, channels = rows.shape
     if rows.dtype != jnp.uint16:
-      columns = _join_channels([self.window(rows, planes) for planes in depth_planes])
+      columns = self.columns(rows, depth_planes)
       return _transposed(columns.reshape(-1, len(depth_planes) * channels))
     channel_rows = jnp.transpose(rows, (2, 0, 1))  # (channels, batch, rows)
     columns = jnp.concatenate([channel_rows[:, :, start:start + self.length]
@@ -352,7 +352,8 @@ def _flat_block_output(x, kernel, geometry):
   matrix = matrix.astype(product_dtype)
 
   def block_output(index):
-    columns = geometry.columns(x, index, _column_dtype(product_dtype), width_offsets)
+    columns = geometry.columns(geometry.rows(x, index, _column_dtype(product_dtype)),
+                               geometry.depth_planes, width_offsets)
     products = jnp.dot(_operand(columns), matrix, preferred_element_type=jnp.float32)
     products = products.reshape(*columns.shape[:2], len(partial_offsets), features)
     return geometry.crop(sum(products[:, offset:offset + geometry.block_rows, tap]
@@ -996,9 +997,10 @@ def _upsampled_flat_conv(x, kernels):
   column matrix (depth taps p, p + 1 of the padded coarse map) times the kernels arranged
   (a, in) x (q, r, b, c, out) gives all 16 in-plane partial outputs of that parity, summed at
   their row offsets and interleaved (bfloat16: width taps folded in, one product per width
-  parity too, `_upsampled_flat_block_output`). Backward: the input gradient per in-plane parity (q, r)
-  from the cotangent's 4 phases of that parity (both depth parities in one column matrix), the
-  kernel gradient per depth parity; residuals are x and the kernels. Compared with 8 separate
+  parity too, `_upsampled_flat_block_output`). Backward: the input gradient per in-plane
+  parity (q, r) from the cotangent's 4 phases of that parity (both depth parities in one
+  column matrix), the kernel gradient per depth parity; residuals are x and the kernels.
+  Compared with 8 separate
   'flat' convolutions (coarse 64^3 x 128 -> 64, forward+backward): 2.57 -> 2.17 s, 1057 -> 161
   MiB of XLA temporaries; 48^3: 1.22 -> 0.93 s.
 
@@ -1048,14 +1050,12 @@ def _upsampled_flat_block_output(x, kernels, geometry):
     rows = geometry.rows(x, index, _column_dtype(product_dtype))
     phases = {}
     for p, width_parities, width_offsets, kernel_matrix in products_to_make:
-      length = geometry.length - width_offsets[-1]
-      columns = _join_channels([rows[:, start:start + length] for start in (
-          (p + a) * geometry.plane + w for a in (0, 1) for w in width_offsets)])
+      columns = geometry.columns(rows, (p, p + 1), width_offsets)
       width_taps = 2 // len(width_offsets)  # width taps c left to the partial outputs
       products = jnp.dot(_operand(columns), kernel_matrix,
                          preferred_element_type=jnp.float32).reshape(
-                             x.shape[0], length, 2, len(width_parities), 2, width_taps, -1)
-      for q, (i, r) in ((q, ir) for q in (0, 1) for ir in enumerate(width_parities)):
+                             *columns.shape[:2], 2, len(width_parities), 2, width_taps, -1)
+      for q, (i, r) in itertools.product((0, 1), enumerate(width_parities)):
         offsets = {(b, c): geometry.in_plane_offset(q + b, r + c - width_offsets[0])
                    for b, c in np.ndindex(2, width_taps)}
         phases[p, q, r] = geometry.crop(sum(
