@@ -927,6 +927,23 @@ def test_im2col_blocks_give_the_same_convolution(monkeypatch, block_bytes, conv_
   _assert_same_values_and_gradients(loss, conv_impl, x, kernel)
 
 
+def test_flat_blocks_of_narrow_maps_take_a_third_of_the_block_bytes():
+  # Output depth slices per block: 48^3 with 9 in-plane taps of 8 features is 0.72 MB of partial
+  # products per slice: 8 slices within 8 MiB (24 within 24 MiB); 128 features (11.5 MB per
+  # slice) keep 2 slices within 24 MiB.
+  padding = layers.SAME_3_PADDING
+  narrow = layers._FlatGeometry((1, 48, 48, 48, 8), (3, 3, 3, 8, 8), 1, padding)
+  wide = layers._FlatGeometry((1, 48, 48, 48, 128), (3, 3, 3, 128, 128), 1, padding)
+  assert (narrow.block, wide.block) == (8, 2)
+  # The input gradient's geometry counts the flipped kernel's output features (x's channels).
+  input_gradient = layers._FlatGeometry((1, 48, 48, 48, 128), (3, 3, 3, 128, 8), 1, padding)
+  assert input_gradient.block == 8
+  # Upsampled: the features of the map computed, not the kernel's (3, 3, 3) taps.
+  assert layers._upsampled_output_geometry((1, 24, 24, 24, 16), 8).block == 12
+  assert layers._upsampled_output_geometry((1, 24, 24, 24, 16), 64).block == 4
+  assert layers._upsampled_geometry((1, 48, 48, 48, 16), 4 * 16, 16).block == 12
+
+
 def _flax_batch_norm(train, dtype, momentum=0.9):
   return flax_nn.BatchNorm(use_running_average=not train, momentum=momentum,
                            epsilon=layers.BATCH_NORM_EPSILON, dtype=dtype,
