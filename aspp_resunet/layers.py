@@ -189,9 +189,10 @@ FLAT_BLOCK_BYTES = 24 * 2**20
 # Maps of at most this many features are computed in blocks of a third of FLAT_BLOCK_BYTES:
 # their products and the passes over their columns and partial products are bound by memory
 # (8 features at 48^3: 82-163 GFLOP/s), and a smaller share of the cache pays (demo bfloat16
-# step, A/B: 0.1142 -> 0.1054 s; float32 even: 0.1494 vs 0.1547 and 0.1473 vs 0.1439 s). Wider
-# maps' products are bound by compute: a third for them too made the 96^3 bfloat16 step slower
-# (A/B twice: 19.57 -> 19.96 s and 19.10 -> 19.88 s, peak RSS +0.1 and +0.4 GiB).
+# step, A/B: 0.1142 -> 0.1054 s, sides swapped 0.1064 -> 0.1013 s; float32 even: 0.1494 vs
+# 0.1547 and 0.1473 vs 0.1439 s). Wider maps' products are bound by compute: a third for them
+# too made the 96^3 bfloat16 step slower (A/B twice: 19.57 -> 19.96 s and 19.10 -> 19.88 s,
+# peak RSS +0.1 and +0.4 GiB).
 FLAT_NARROW_FEATURES = 32
 
 
