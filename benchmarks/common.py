@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 
 from ml_collections import config_flags
@@ -73,6 +74,23 @@ def report(path, figures):
     print(f'{key:{width}s}{value}')
   write_result(path, figures)
   print(f'wrote {path}')
+
+
+def turn_time_ratios(ours, theirs):
+  """Per turn, ours / theirs of the median step time after each turn's first step (all its
+  steps if it has one). The two turns of a pair ran seconds apart, so the ratios share the
+  machine's state of the moment, which the ratio of whole-run medians does not.
+
+  Args:
+    ours: step seconds per turn (a list of lists), our framework.
+    theirs: the same for the other framework, as many turns.
+  Returns:
+    One ratio per turn.
+  """
+  if len(ours) != len(theirs):
+    raise ValueError(f'{len(ours)} turns of ours against {len(theirs)} of theirs')
+  medians = [[statistics.median(turn[1:] or turn) for turn in turns] for turns in (ours, theirs)]
+  return [a / b for a, b in zip(*medians)]
 
 
 def place_like_trainer(state, batch):

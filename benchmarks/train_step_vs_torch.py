@@ -252,6 +252,7 @@ def main(argv):
     # Peak RSS of each framework alone: a worker per framework, one after the other.
     jax_rss, torch_rss = (_memory_of(framework) for framework in ('jax', 'torch'))
   jax_seconds, torch_seconds = (_median(times, 1) for times in (jax_times, torch_times))
+  turn_ratios = common.turn_time_ratios(jax_times, torch_times)
   gemm_readings.append(gemm_peak_gflops(gemm_dtype))
   peak = max(gemm_readings)
   flops, staged = jax_info['flops'], jax_info['staged']
@@ -270,6 +271,10 @@ def main(argv):
                                             _median(torch_times, 0, 1)),
       'all_steps_time_ratio_vs_torch': _median(jax_times, 0) / _median(torch_times, 0),
       'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
+      # Each turn's ratio against its neighbour turn of PyTorch's: the spread a single run's
+      # ratio carries on a noisy machine (quartiles of the turns).
+      'turn_time_ratios_vs_torch': turn_ratios,
+      'turn_time_ratio_vs_torch_quartiles': np.percentile(turn_ratios, [25, 50, 75]).tolist(),
       'step_mode': 'staged' if staged else 'fused',
       # nominal: the network as written (PyTorch's arithmetic); executed: ours (the decoder's
       # upsampling folded into its convolutions, see layers._upsampled_conv).
