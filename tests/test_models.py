@@ -944,6 +944,23 @@ def test_flat_blocks_of_narrow_maps_take_a_third_of_the_block_bytes():
   assert layers._upsampled_geometry((1, 48, 48, 48, 16), 4 * 16, 16).block == 12
 
 
+def test_upsampled_input_gradient_blocks_count_the_coarse_channels(monkeypatch):
+  # 16 coarse channels to 64 features: the forward and the kernel gradient (8 KiB of partial
+  # products per coarse row) are wide, the input gradient (256 B per row, a map of 16
+  # channels) narrow: with 441 KiB of block bytes, 1 coarse slice per block for the first two
+  # and 3 (of 12) for the input gradient, which with the 64 features' limit would take 6.
+  monkeypatch.setattr(layers, 'FLAT_BLOCK_BYTES', 9 * 196 * 256)
+  x = jnp.ones((1, 12, 12, 12, 16), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3, 16, 64), jnp.bfloat16)
+
+  def loss(x, kernel):
+    return jnp.sum(layers._upsampled_conv(x, kernel, 'flat').astype(jnp.float32))  # pylint: disable=protected-access
+
+  loop_lengths = [eqn.params['length']
+                  for eqn in _equations('scan', jax.grad(loss, (0, 1)), x, kernel)]
+  assert sorted(loop_lengths) == [4, 12, 12]
+
+
 def _flax_batch_norm(train, dtype, momentum=0.9):
   return flax_nn.BatchNorm(use_running_average=not train, momentum=momentum,
                            epsilon=layers.BATCH_NORM_EPSILON, dtype=dtype,
