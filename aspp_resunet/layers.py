@@ -189,23 +189,23 @@ FLAT_BLOCK_BYTES = 24 * 2**20
 # Maps of at most this many features are computed in blocks of a third of FLAT_BLOCK_BYTES:
 # their products and the passes over their columns and partial products are bound by memory
 # (8 features at 48^3: 82-163 GFLOP/s), and a smaller share of the cache pays (demo bfloat16
-# step, A/B: 0.1142 -> 0.1054 s, sides swapped 0.1064 -> 0.1013 s; float32 even: 0.1494 vs
-# 0.1547 and 0.1473 vs 0.1439 s). Wider maps' products are bound by compute: a third for them
-# too made the 96^3 bfloat16 step slower (A/B twice: 19.57 -> 19.96 s and 19.10 -> 19.88 s,
-# peak RSS +0.1 and +0.4 GiB).
+# step, A/B: 0.1142 -> 0.1054 s, sides swapped 0.1064 -> 0.1013 s; the float32 demo's layers
+# are 'depth2d', untouched). Wider maps' products are bound by compute: a third for them too
+# made the 96^3 bfloat16 step slower (A/B twice: 19.57 -> 19.96 s and 19.10 -> 19.88 s, peak
+# RSS +0.1 and +0.4 GiB).
 FLAT_NARROW_FEATURES = 32
 
 
 class _FlatGeometry:
   """Where `_flat_conv` (and `_upsampled_flat_conv`) read: a block of depth slices of the input,
   padded and flattened to rows (depth, height, width), in which every kernel tap is a constant
-  row offset. A block holds as many output slices as keep `products_per_row` float32 partial
-  products per row (default: one per in-plane tap and output feature) within FLAT_BLOCK_BYTES,
-  or within a third of it for a map of at most FLAT_NARROW_FEATURES `features` (default: the
-  kernel's output features)."""
+  row offset. A block holds as many output slices as keep `partials_per_feature` float32
+  partial products per row and feature of the map computed (`features`; defaults: one per
+  in-plane tap, the kernel's output features) within FLAT_BLOCK_BYTES, or within a third of it
+  for a map of at most FLAT_NARROW_FEATURES features."""
 
-  def __init__(self, in_shape, kernel_shape, dilation, padding, products_per_row=None,
-               features=None):
+  def __init__(self, in_shape, kernel_shape, dilation, padding, features=None,
+               partials_per_feature=None):
     batch, depth, height, width, _ = in_shape
     self.padding = padding
     self.out_shape = [size + lo + hi - (k - 1) * dilation
@@ -220,12 +220,12 @@ class _FlatGeometry:
     self.tail = self.in_plane_offsets[-1]
     # Whole planes of zeros after a block's slab so that its rows plus the in-plane tail exist.
     self.tail_planes = -(-self.tail // self.plane)
-    if products_per_row is None:
-      products_per_row = len(self.in_plane_offsets) * kernel_shape[4]
     features = kernel_shape[4] if features is None else features
+    if partials_per_feature is None:
+      partials_per_feature = len(self.in_plane_offsets)
     limit_bytes = FLAT_BLOCK_BYTES // 3 if features <= FLAT_NARROW_FEATURES else FLAT_BLOCK_BYTES
-    self.block = _slices_per_block(self.out_shape[0], batch * self.plane * products_per_row * 4,
-                                   limit_bytes)
+    self.block = _slices_per_block(
+        self.out_shape[0], batch * self.plane * partials_per_feature * features * 4, limit_bytes)
     self.block_rows = self.block * self.plane
     self.length = self.block_rows + self.tail  # rows of one block's column matrix
     self.halo = (kernel_shape[0] - 1) * dilation
@@ -989,18 +989,19 @@ def _deinterleave_phases(x):
   return jnp.transpose(_windowed(x), (2, 4, 6, 0, 1, 3, 5, 7))
 
 
-def _upsampled_geometry(coarse_shape, products_per_row, features):
+def _upsampled_geometry(coarse_shape, partials_per_feature, features):
   """Where `_upsampled_flat_conv` reads: the coarse map padded by 1 on every side (a 3^3
   'SAME' grid); the phase (p, q, r) tap (a, b, c) reads padded coarse (i + p + a, j + q + b,
-  k + r + c) for output (2i + p, 2j + q, 2k + r); `features`: the channels of the map computed
-  (they set the block size)."""
-  return _FlatGeometry(coarse_shape, (3, 3, 3), 1, SAME_3_PADDING, products_per_row, features)
+  k + r + c) for output (2i + p, 2j + q, 2k + r). Blocks sized for `partials_per_feature`
+  partial products per coarse row and feature of the map computed, of `features`."""
+  return _FlatGeometry(coarse_shape, (3, 3, 3), 1, SAME_3_PADDING, features,
+                       partials_per_feature)
 
 
 def _upsampled_output_geometry(coarse_shape, features):
   """`_upsampled_geometry` of the forward pass and the kernel gradient: per row 2 depth
   parities x 16 in-plane partial outputs of `features`."""
-  return _upsampled_geometry(coarse_shape, 32 * features, features)
+  return _upsampled_geometry(coarse_shape, 32, features)
 
 
 @jax.custom_vjp
@@ -1014,9 +1015,8 @@ def _upsampled_flat_conv(x, kernels):
   parity too, `_upsampled_flat_block_output`). Backward: the input gradient per in-plane
   parity (q, r) from the cotangent's 4 phases of that parity (both depth parities in one
   column matrix), the kernel gradient per depth parity; residuals are x and the kernels.
-  Compared with 8 separate
-  'flat' convolutions (coarse 64^3 x 128 -> 64, forward+backward): 2.57 -> 2.17 s, 1057 -> 161
-  MiB of XLA temporaries; 48^3: 1.22 -> 0.93 s.
+  Compared with 8 separate 'flat' convolutions (coarse 64^3 x 128 -> 64, forward+backward):
+  2.57 -> 2.17 s, 1057 -> 161 MiB of XLA temporaries; 48^3: 1.22 -> 0.93 s.
 
   Products in `_product_dtype(x)`: a bfloat16 model's phase kernels are rounded to bfloat16
   (once, as the other implementations of `_upsampled_conv` round them: an error the size of
@@ -1099,7 +1099,7 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape, dtype):
   phase (p, q, r) at (i + 1 - p - a, j + 1 - q - b, k + 1 - r - c), i.e. at padded depth
   offset 2 - p - a and in-plane offset (2 - q - b, 2 - r - c) on the same padded grid."""
   channels, features = coarse_shape[-1], kernels.shape[-1]
-  geometry = _upsampled_geometry(coarse_shape, 4 * channels, channels)
+  geometry = _upsampled_geometry(coarse_shape, 4, channels)
   product_dtype = _product_dtype(phases)
   depth_taps = list(np.ndindex(2, 2))  # (p, a)
   matrices = {(q, r): jnp.concatenate([  # (p, a, out) x (b, c, in)

@@ -941,7 +941,7 @@ def test_flat_blocks_of_narrow_maps_take_a_third_of_the_block_bytes():
   # Upsampled: the features of the map computed, not the kernel's (3, 3, 3) taps.
   assert layers._upsampled_output_geometry((1, 24, 24, 24, 16), 8).block == 12
   assert layers._upsampled_output_geometry((1, 24, 24, 24, 16), 64).block == 4
-  assert layers._upsampled_geometry((1, 48, 48, 48, 16), 4 * 16, 16).block == 12
+  assert layers._upsampled_geometry((1, 48, 48, 48, 16), 4, 16).block == 12
 
 
 def test_upsampled_input_gradient_blocks_count_the_coarse_channels(monkeypatch):
