@@ -89,8 +89,13 @@ def turn_time_ratios(ours, theirs):
   """
   if len(ours) != len(theirs):
     raise ValueError(f'{len(ours)} turns of ours against {len(theirs)} of theirs')
-  medians = [[statistics.median(turn[1:] or turn) for turn in turns] for turns in (ours, theirs)]
-  return [a / b for a, b in zip(*medians)]
+  return [median_step_seconds([a], 1) / median_step_seconds([b], 1) for a, b in zip(ours, theirs)]
+
+
+def median_step_seconds(turns, first, stop=None):
+  """Median step time over steps first .. stop - 1 of every turn (all of them if a turn has
+  only one step)."""
+  return float(statistics.median([t for turn in turns for t in (turn[first:stop] or turn)]))
 
 
 def place_like_trainer(state, batch):

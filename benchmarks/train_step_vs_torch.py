@@ -251,7 +251,8 @@ def main(argv):
       torch_times.append([_timed(torch_run) for _ in range(FLAGS.steps_per_turn)])
     # Peak RSS of each framework alone: a worker per framework, one after the other.
     jax_rss, torch_rss = (_memory_of(framework) for framework in ('jax', 'torch'))
-  jax_seconds, torch_seconds = (_median(times, 1) for times in (jax_times, torch_times))
+  jax_seconds, torch_seconds = (common.median_step_seconds(times, 1)
+                                for times in (jax_times, torch_times))
   turn_ratios = common.turn_time_ratios(jax_times, torch_times)
   gemm_readings.append(gemm_peak_gflops(gemm_dtype))
   peak = max(gemm_readings)
@@ -267,9 +268,10 @@ def main(argv):
       'steps_per_turn': FLAGS.steps_per_turn,
       'jax_step_seconds': jax_times, 'torch_step_seconds': torch_times,  # per turn
       'jax_step_seconds_median': jax_seconds, 'torch_step_seconds_median': torch_seconds,
-      'first_of_turn_time_ratio_vs_torch': (_median(jax_times, 0, 1) /
-                                            _median(torch_times, 0, 1)),
-      'all_steps_time_ratio_vs_torch': _median(jax_times, 0) / _median(torch_times, 0),
+      'first_of_turn_time_ratio_vs_torch': (common.median_step_seconds(jax_times, 0, 1) /
+                                            common.median_step_seconds(torch_times, 0, 1)),
+      'all_steps_time_ratio_vs_torch': (common.median_step_seconds(jax_times, 0) /
+                                        common.median_step_seconds(torch_times, 0)),
       'step_time_ratio_vs_torch': jax_seconds / torch_seconds,
       # Each turn's ratio against its neighbour turn of PyTorch's: the spread a single run's
       # ratio carries on a noisy machine (quartiles of the turns).
@@ -293,12 +295,6 @@ def main(argv):
   mode = '_staged' if staged else ''  # a run of each step mode keeps the other's result
   common.report(FLAGS.output or (f'benchmarks/results/train_step_vs_torch_'
                                  f'{figures["config"]}_{size}_{FLAGS.dtype}{mode}.json'), figures)
-
-
-def _median(turns, first, stop=None):
-  """Median step time over steps first .. stop - 1 of every turn (all of them if a turn has
-  only one step)."""
-  return float(np.median([t for turn in turns for t in (turn[first:stop] or turn)]))
 
 
 def _check_parameters(jax_info, torch_info):
