@@ -49,7 +49,7 @@ def write_result(path, figures):
       'cpu_model': _cpu_model(),
       'cpu_count': os.cpu_count(),
       'versions': _versions(),
-      # glibc.malloc.hugetlb=1 there: see host_memory.restart_with_huge_pages
+      # glibc.malloc.hugetlb=1 and top_pad there: see host_memory.restart_with_huge_pages
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       **figures,
   }

@@ -66,19 +66,28 @@ def test_limit_malloc_arenas_leaves_other_c_libraries_alone(monkeypatch):
 
 
 # Prints how it started, restarts with huge pages (argv[1]: the kernel's THP mode file to
-# read), then reports the transparent huge pages backing 64 MiB it mallocs and touches (ctypes:
-# numpy asks the kernel for huge pages itself).
+# read), then reports the transparent huge pages (KiB) backing 64 MiB it mallocs and touches,
+# and those that 16 MiB of 16 KiB blocks malloced and touched by a new thread (its own arena's
+# heap) added (ctypes: numpy asks the kernel for huge pages itself).
 _RESTART = r'''
-import ctypes, os, sys
+import ctypes, os, sys, threading
 print('started', os.environ.get('GLIBC_TUNABLES', '-'), *sys.argv[1:], flush=True)
 from aspp_resunet import host_memory
 host_memory.restart_with_huge_pages(sys.argv[1])
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype = ctypes.c_void_p
-size = 64 * 2**20
-ctypes.memset(libc.malloc(size), 1, size)
-with open('/proc/self/smaps_rollup') as stream:
-  print('huge_kib', *[line.split()[1] for line in stream if line.startswith('AnonHugePages:')])
+def huge_kib():
+  with open('/proc/self/smaps_rollup') as stream:
+    return sum(int(line.split()[1]) for line in stream if line.startswith('AnonHugePages:'))
+def allocate(count, size):
+  for _ in range(count):
+    ctypes.memset(libc.malloc(size), 1, size)
+allocate(1, 64 * 2**20)
+large = huge_kib()
+thread = threading.Thread(target=allocate, args=(1024, 16384))
+thread.start()
+thread.join()
+print('huge_kib', large, huge_kib() - large)
 '''
 _GLIBC_ONLY = pytest.mark.skipif(
     platform.libc_ver()[0] != 'glibc',
@@ -101,11 +110,14 @@ def test_restart_with_huge_pages_restarts_once_with_the_same_arguments(tmp_path)
   mode_file = tmp_path / 'enabled'
   first, second, huge = _restart(tmp_path, 'always [madvise] never')
   assert first == f'started - {mode_file} a b'
-  assert second == f'started glibc.malloc.hugetlb=1 {mode_file} a b'
+  assert second == f'started glibc.malloc.hugetlb=1:glibc.malloc.top_pad=134217728 {mode_file} a b'
   assert huge.startswith('huge_kib ')
-  # The user's other tunables are kept.
+  # The user's other tunables are kept, and their own top pad wins.
   assert _restart(tmp_path, 'always [madvise] never', GLIBC_TUNABLES='glibc.malloc.arena_max=3')[
-      1] == f'started glibc.malloc.arena_max=3:glibc.malloc.hugetlb=1 {mode_file} a b'
+      1] == (f'started glibc.malloc.arena_max=3:glibc.malloc.hugetlb=1:'
+             f'glibc.malloc.top_pad=134217728 {mode_file} a b')
+  assert _restart(tmp_path, 'always [madvise] never', GLIBC_TUNABLES='glibc.malloc.top_pad=0')[
+      1] == f'started glibc.malloc.top_pad=0:glibc.malloc.hugetlb=1 {mode_file} a b'
 
 
 @_GLIBC_ONLY
@@ -138,11 +150,13 @@ def _kernel_thp_mode():
 @pytest.mark.skipif('[madvise]' not in _kernel_thp_mode(),
                     reason='the kernel gives transparent huge pages on request only; here: '
                     f'{_kernel_thp_mode().strip() or "unknown"}')
-def test_after_the_restart_large_mallocs_get_huge_pages(tmp_path):
-  host_madvise = _restart(tmp_path, 'always [madvise] never')[-1]
-  without = _restart(tmp_path, 'always madvise [never]')[-1]  # (the real kernel: madvise)
-  assert int(without.split()[1]) == 0
-  assert int(host_madvise.split()[1]) >= 32 * 1024  # at least half of the 64 MiB
+def test_after_the_restart_mallocs_get_huge_pages(tmp_path):
+  host_madvise = _restart(tmp_path, 'always [madvise] never')[-1].split()
+  without = _restart(tmp_path, 'always madvise [never]')[-1].split()  # (the kernel: madvise)
+  assert int(without[1]) == 0 and int(without[2]) == 0
+  assert int(host_madvise[1]) >= 32 * 1024  # at least half of the 64 MiB
+  # Small blocks in a worker thread's heap too (the top pad; without it: none).
+  assert int(host_madvise[2]) >= 8 * 1024
 
 
 _ENTRY_POINTS = ('train.py', 'eval.py', 'aspp_resunet/predict.py', 'aspp_resunet/demo.py',
