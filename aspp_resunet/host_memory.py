@@ -30,6 +30,15 @@ TOP_PAD_TUNABLE = 'glibc.malloc.top_pad'
 TOP_PAD_BYTES = 128 * 2**20
 
 
+def without_added_top_pad(tunables):
+  """GLIBC_TUNABLES `tunables` without the top pad `restart_with_huge_pages` adds (a user's own
+  pad stays): for a program that allocates otherwise, such as PyTorch's CPU step. Once a pad is
+  set glibc fixes its mmap threshold at 128 KiB, and buffers of 0.1-32 MiB freed and malloced
+  again each step are then mapped afresh every time."""
+  added_pad = f'{TOP_PAD_TUNABLE}={TOP_PAD_BYTES}'
+  return ':'.join(tunable for tunable in tunables.split(':') if tunable and tunable != added_pad)
+
+
 def limit_malloc_arenas(count=MALLOC_ARENAS):
   """Caps glibc's malloc arenas at `count` for threads that start allocating from now on.
 

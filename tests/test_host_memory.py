@@ -183,3 +183,14 @@ def test_programs_restart_with_huge_pages_before_jax_or_tensorflow(path):
   heavy = [name for name in restarted_after
            if name.split('.')[0] in ('jax', 'tensorflow', 'flax', 'orbax', 'torch')]
   assert not heavy, f'{path} imports {heavy} before restarting'
+
+
+def test_without_added_top_pad_keeps_the_rest():
+  added = f'glibc.malloc.top_pad={host_memory.TOP_PAD_BYTES}'
+  assert host_memory.without_added_top_pad(f'glibc.malloc.hugetlb=1:{added}') == (
+      'glibc.malloc.hugetlb=1')
+  assert host_memory.without_added_top_pad(f'a=1:{added}:b=2') == 'a=1:b=2'
+  # A user's own pad is theirs.
+  assert host_memory.without_added_top_pad('glibc.malloc.top_pad=4096') == (
+      'glibc.malloc.top_pad=4096')
+  assert host_memory.without_added_top_pad('') == ''
