@@ -28,6 +28,7 @@ THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 # MiB (issue 6 note, session 19).
 TOP_PAD_TUNABLE = 'glibc.malloc.top_pad'
 TOP_PAD_BYTES = 128 * 2**20
+_ADDED_TOP_PAD = f'{TOP_PAD_TUNABLE}={TOP_PAD_BYTES}'  # as `restart_with_huge_pages` adds it
 
 
 def without_added_top_pad(tunables):
@@ -35,8 +36,8 @@ def without_added_top_pad(tunables):
   pad stays): for a program that allocates otherwise, such as PyTorch's CPU step. Once a pad is
   set glibc fixes its mmap threshold at 128 KiB, and buffers of 0.1-32 MiB freed and malloced
   again each step are then mapped afresh every time."""
-  added_pad = f'{TOP_PAD_TUNABLE}={TOP_PAD_BYTES}'
-  return ':'.join(tunable for tunable in tunables.split(':') if tunable and tunable != added_pad)
+  return ':'.join(tunable for tunable in tunables.split(':')
+                  if tunable and tunable != _ADDED_TOP_PAD)
 
 
 def limit_malloc_arenas(count=MALLOC_ARENAS):
@@ -80,7 +81,7 @@ def restart_with_huge_pages(thp_mode_file=THP_MODE_FILE):
     return
   added = [f'{HUGE_PAGE_TUNABLE}=1']
   if TOP_PAD_TUNABLE not in tunables:
-    added.append(f'{TOP_PAD_TUNABLE}={TOP_PAD_BYTES}')
+    added.append(_ADDED_TOP_PAD)
   os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, *added]))
   sys.stdout.flush()
   sys.stderr.flush()
