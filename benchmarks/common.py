@@ -4,10 +4,14 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 
 from ml_collections import config_flags
+
+from aspp_resunet import host_memory
 
 
 def _cpu_model():
@@ -74,6 +78,94 @@ def report(path, figures):
     print(f'{key:{width}s}{value}')
   write_result(path, figures)
   print(f'wrote {path}')
+
+
+REPLY = 'worker-reply: '  # marks a worker's answers among anything else it prints
+
+
+def answer(figures):
+  """Sends `figures` (JSON) to the process that started this worker (`Worker`)."""
+  print(REPLY + json.dumps(figures), flush=True)
+
+
+def serve(info, handle, closing=dict):
+  """A worker's side of `Worker`: answers `info`, then `handle(request)` for each request line
+  on stdin, and at the end of input `closing()`."""
+  answer(info)
+  for line in sys.stdin:
+    answer(handle(line.strip()))
+  answer(closing())
+
+
+class Worker:
+  """A benchmark's worker process (`command`, environment `env`) that `serve`s requests; the
+  constructor returns once it has answered its `info`.
+
+  One framework per process: in one process each framework slows the other (shared heap and
+  thread pools, see benchmarks/train_step_vs_torch.py).
+  """
+
+  def __init__(self, name, command, env=None):
+    self.name = name
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True, env=env)
+    self.info = self._read()
+
+  def _read(self):
+    for line in self.process.stdout:
+      if line.startswith(REPLY):
+        return json.loads(line[len(REPLY):])
+      sys.stdout.write(line)  # the worker's own output, passed on
+    raise SystemExit(f'the {self.name} worker exited with {self.process.wait()} '
+                     'before answering (its error is above)')
+
+  def ask(self, request):
+    """The worker's answer to the one-line `request`."""
+    self.process.stdin.write(request + '\n')
+    self.process.stdin.flush()
+    return self._read()
+
+  def finish(self):
+    """The worker's closing answer; it then exits."""
+    self.process.stdin.close()
+    closing = self._read()
+    self.process.wait()
+    return closing
+
+
+def max_rss_gib():
+  """Peak RSS of this process image. VmHWM, not getrusage's ru_maxrss: a child started by
+  subprocess inherits its parent's ru_maxrss through fork + exec, VmHWM starts afresh."""
+  try:
+    with open('/proc/self/status') as stream:
+      for line in stream:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def config_overrides(argv=None):
+  """The --config.* overrides on a command line (default sys.argv), as {key: value}: passed on
+  to a worker."""
+  overrides = {}
+  for arg in (sys.argv if argv is None else argv)[1:]:
+    if arg.startswith('--config.') and '=' in arg:
+      key, value = arg[len('--config.'):].split('=', 1)
+      overrides[key] = value
+  return overrides
+
+
+def torch_environment(environ=None):
+  """The environment (default os.environ) for a PyTorch worker: GLIBC_TUNABLES without the heap
+  top pad our restart added (`host_memory.without_added_top_pad`), so PyTorch runs as it does
+  in a program of its own. With the pad its demo bfloat16 training step took 0.147 s instead of
+  0.094 s, and its paper-model forward at 128^3 31.6 s instead of 29.1 s (issue 6 notes,
+  sessions 19-20)."""
+  env = dict(os.environ if environ is None else environ)
+  env['GLIBC_TUNABLES'] = host_memory.without_added_top_pad(env.get('GLIBC_TUNABLES', ''))
+  return env
 
 
 def turn_time_ratios(ours, theirs):

@@ -2,8 +2,14 @@
 
 python benchmarks/inference.py --config=configs/demo.py --case_dir=DIR/Brats18_..._1
 Random weights (timing only). Loading, preprocessing, mapping back and writing are this
-project's code for both; the network forward is JAX (ours) or the PyTorch reference. Writes
-benchmarks/results/inference_<config>.json with `case_time_ratio_vs_torch` (ours / theirs).
+project's code for both; the network forward is JAX (ours) or the PyTorch reference. Each
+framework runs in a worker process of its own, PyTorch's without our heap top pad
+(common.torch_environment), the timed cases alternating between them after one warm-up case
+each. Writes benchmarks/results/inference_<config>.json with `case_time_ratio_vs_torch` (ours /
+theirs, medians) and each pair of cases' ratio.
+
+In one process, one after the other, both frameworks had our pad: paper model at 128^3, forward
+ours 29.4 s, PyTorch's 31.6 s; both without it 33.8 and 29.1 s (issue 6 note, session 20).
 """
 
 import os
@@ -35,6 +41,8 @@ from data_pipelines import synthetic  # noqa: E402
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Configuration (model and size).')
 flags.DEFINE_string('case_dir', None, 'A BraTS case folder (default: a synthetic case).')
 flags.DEFINE_integer('repeats', 2, 'Timed cases per framework after one warm-up case.')
+flags.DEFINE_enum('only', None, ['jax', 'torch'],
+                  'Internal: be the worker of one framework (a case timed on request).')
 flags.DEFINE_string('output', None, 'Result JSON (default: see module docstring).')
 FLAGS = flags.FLAGS
 
@@ -91,36 +99,67 @@ def _case_pipeline(case, scheme, options, forward, output_dir):
   return times
 
 
-def main(argv):
-  del argv
-  host_memory.limit_malloc_arenas()  # as the predict program
-  config = FLAGS.config
+def _serve(framework, config, case_dir):
+  """The worker: builds one framework's forward, runs the warm-up case, then times one whole
+  case per request; at the end of input answers its peak RSS."""
   scheme = labels.get_scheme(config.data.scheme)
   options = preprocess.PreprocessOptions(
       image_size=tuple(config.data.image_size), normalization=config.data.normalization,
       crop_to_brain=config.data.crop_to_brain)
+  data_dir, case_name = os.path.split(os.path.abspath(case_dir))
+  case = next(c for c in brats.discover_cases(data_dir, scheme) if c.case_id == case_name)
+  forward = (_jax_forward if framework == 'jax' else _torch_forward)(config)
+  with tempfile.TemporaryDirectory() as output_dir:
+    _case_pipeline(case, scheme, options, forward, output_dir)  # warm-up (compilation)
+    common.serve({}, lambda request: _case_pipeline(case, scheme, options, forward, output_dir),
+                 lambda: {'max_rss_gib': common.max_rss_gib()})
+
+
+def _worker(framework, case_dir):
+  command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
+             f'--case_dir={case_dir}',
+             f'--config={config_flags.get_config_filename(FLAGS["config"])}']
+  command += [f'--config.{k}={v}' for k, v in common.config_overrides().items()]
+  return common.Worker(framework, command,
+                       common.torch_environment() if framework == 'torch' else None)
+
+
+def main(argv):
+  del argv
+  host_memory.limit_malloc_arenas()  # as the predict program
+  config = FLAGS.config
+  if FLAGS.only:
+    _serve(FLAGS.only, config, FLAGS.case_dir)
+    return
   with tempfile.TemporaryDirectory() as scratch:
-    if FLAGS.case_dir:
-      data_dir, case_name = os.path.split(os.path.abspath(FLAGS.case_dir))
-    else:
+    case_dir = FLAGS.case_dir
+    if not case_dir:
       data_dir = os.path.join(scratch, 'cases')
       synthetic.write_case(data_dir, 0, 0)
-      case_name = brats.discover_cases(data_dir, scheme)[0].case_id
-    case = next(c for c in brats.discover_cases(data_dir, scheme) if c.case_id == case_name)
-    results = {}
-    for name, make in (('jax', _jax_forward), ('torch', _torch_forward)):
-      forward = make(config)
-      _case_pipeline(case, scheme, options, forward, scratch)  # warm-up (compilation)
-      runs = [_case_pipeline(case, scheme, options, forward, scratch)
-              for _ in range(FLAGS.repeats)]
-      results[name] = {stage: float(np.median([r[stage] for r in runs])) for stage in runs[0]}
+      scheme = labels.get_scheme(config.data.scheme)
+      case_dir = os.path.join(data_dir, brats.discover_cases(data_dir, scheme)[0].case_id)
+    workers = {framework: _worker(framework, case_dir) for framework in ('jax', 'torch')}
+    runs = {framework: [] for framework in workers}
+    for _ in range(FLAGS.repeats):  # alternating, so both see the same machine state
+      for framework, worker in workers.items():
+        runs[framework].append(worker.ask('case'))
+    peak_rss = {framework: worker.finish()['max_rss_gib'] for framework, worker in workers.items()}
+  results = {framework: {stage: float(np.median([r[stage] for r in framework_runs]))
+                         for stage in framework_runs[0]}
+             for framework, framework_runs in runs.items()}
   figures = {
       'config': common.config_name(FLAGS['config']),
-      'image_size': list(config.data.image_size), 'case': case_name,
-      'conv_impl': config.model.conv_impl, 'jax_seconds': results['jax'],
-      'torch_seconds': results['torch'],
+      'image_size': list(config.data.image_size),
+      'case': os.path.basename(os.path.normpath(case_dir)),
+      'conv_impl': config.model.conv_impl, 'isolation': 'process',
+      'jax_seconds': results['jax'], 'torch_seconds': results['torch'],
       'case_time_ratio_vs_torch': results['jax']['total'] / results['torch']['total'],
       'predict_time_ratio_vs_torch': results['jax']['predict'] / results['torch']['predict'],
+      # Each of our cases against the PyTorch case right after it: the spread of the ratio.
+      'case_time_ratios_vs_torch': [ours['total'] / theirs['total']
+                                    for ours, theirs in zip(runs['jax'], runs['torch'])],
+      'jax_max_rss_gib': peak_rss['jax'], 'torch_max_rss_gib': peak_rss['torch'],
+      'peak_memory_ratio_vs_torch': peak_rss['jax'] / peak_rss['torch'],
   }
   common.report(FLAGS.output or f'benchmarks/results/inference_{figures["config"]}.json',
                 figures)

@@ -21,10 +21,7 @@ widths, our step back to back 5.6-5.8 s; after a PyTorch step 6.3-7.0 s; after a
 7.8-8.4 s (issue 6 note, session 8).
 """
 
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -139,88 +136,34 @@ def gemm_peak_gflops(dtype, n=2048, repeats=5):
   return 2 * n**3 / min(times) / 1e9
 
 
-def _max_rss_gib():
-  """Peak RSS of this process image. VmHWM, not getrusage's ru_maxrss: a child started by
-  subprocess inherits its parent's ru_maxrss through fork + exec, VmHWM starts afresh."""
-  try:
-    with open('/proc/self/status') as stream:
-      for line in stream:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) / 2**20
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-_REPLY = 'worker-reply: '  # marks the worker's answers among anything else it prints
-
-
 def _serve(framework, config, image, label):
   """The worker: builds and warms up one framework's step, says what it is, then times one
-  step per 'step' line on stdin; at end of input answers its peak RSS."""
+  step per request; at the end of input answers its peak RSS."""
   step = _jax_step if framework == 'jax' else _torch_step
   run, info = step(config, image, label)
   run()  # warm-up (compilation; oneDNN picks its kernels on the first call)
-  _answer(info)
-  for line in sys.stdin:
-    if line.strip() != 'step':
-      break
-    _answer({'seconds': _timed(run)})
-  _answer({'max_rss_gib': _max_rss_gib()})
+  common.serve(info, lambda request: {'seconds': _timed(run)},
+               lambda: {'max_rss_gib': common.max_rss_gib()})
 
 
-def _answer(figures):
-  print(_REPLY + json.dumps(figures), flush=True)
-
-
-class _Worker:
+class _Worker(common.Worker):
   """A framework's worker process (`_serve`), started and warmed up by the constructor."""
 
   def __init__(self, framework):
-    self.framework = framework
     command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
                f'--dtype={FLAGS.dtype}',
                f'--config={config_flags.get_config_filename(FLAGS["config"])}']
-    command += [f'--config.{k}={v}' for k, v in _overrides().items()]
-    env = dict(os.environ)
-    if framework == 'torch':
-      # PyTorch as it ran before the pad (demo bfloat16 PyTorch step 0.147 s with the pad,
-      # 0.094 s without, two runs of this benchmark, 2026-11-27).
-      env['GLIBC_TUNABLES'] = host_memory.without_added_top_pad(env.get('GLIBC_TUNABLES', ''))
-    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    text=True, env=env)
-    self.info = self._read()
-
-  def _read(self):
-    for line in self.process.stdout:
-      if line.startswith(_REPLY):
-        return json.loads(line[len(_REPLY):])
-      sys.stdout.write(line)
-    raise SystemExit(f'the {self.framework} worker exited with {self.process.wait()} '
-                     'before answering (its error is above)')
+    command += [f'--config.{k}={v}' for k, v in common.config_overrides().items()]
+    super().__init__(framework, command,
+                     common.torch_environment() if framework == 'torch' else None)
 
   def step(self):
     """Seconds of one timed step."""
-    self.process.stdin.write('step\n')
-    self.process.stdin.flush()
-    return self._read()['seconds']
+    return self.ask('step')['seconds']
 
   def finish(self):
     """Peak RSS (GiB) of the worker, which then exits."""
-    self.process.stdin.close()
-    rss = self._read()['max_rss_gib']
-    self.process.wait()
-    return rss
-
-
-def _overrides():
-  """The --config.* overrides given on the command line (passed on to the memory runs)."""
-  overrides = {}
-  for arg in sys.argv[1:]:
-    if arg.startswith('--config.') and '=' in arg:
-      key, value = arg[len('--config.'):].split('=', 1)
-      overrides[key] = value
-  return overrides
+    return super().finish()['max_rss_gib']
 
 
 def main(argv):
