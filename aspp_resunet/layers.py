@@ -697,6 +697,17 @@ def live_taps(kernel_size, dilation, input_size):
 POINTWISE_BLOCK_BYTES = 4 * 2**20
 # Most inputs of a bfloat16 1x1x1 convolution computed as a sum of broadcast products.
 POINTWISE_SUM_MAX_INPUTS = 8
+# Outside training, a 1x1x1 convolution of an input of more bytes than this (counted as
+# float32) is multiplied over its depth blocks of POINTWISE_BLOCK_BYTES. As one product, XLA:CPU
+# hands it to YNNPACK with the elementwise ops that make the input (BatchNorm, residual add,
+# ReLU) fused in, and YNNPACK writes that input whole into a scratch buffer of its own, mapped
+# afresh at every call, beside a map of zeros for the ReLU: the paper model's head at 128^3 (64
+# channels, 512 MiB) took 0.96 s of the forward pass, two thirds of it the kernel zeroing new
+# pages; in blocks 0.18 s. Paper-model inference: XLA temporaries 5.99 -> 5.49 GB, peak RSS
+# 7.94 -> 7.06 GiB. In training the input is kept for the backward pass anyway and the blocks
+# cost (96^3 bfloat16 step temporaries 3.24 -> 3.34 GiB): one product there (issue 6 note,
+# session 20). The demo's maps are far smaller.
+POINTWISE_MAP_MIN_BYTES = 64 * 2**20
 
 
 def pointwise_conv(x, matrix, conv_impl):
@@ -734,6 +745,25 @@ def _pointwise_product(x, matrix):
   return _float32_product(x, matrix).astype(x.dtype)
 
 
+def _blocked_pointwise_product(x, matrix):
+  """`_pointwise_product` over depth blocks for an input of more than POINTWISE_MAP_MIN_BYTES
+  (outside training)."""
+  if x.size * 4 <= POINTWISE_MAP_MIN_BYTES or (
+      x.dtype == jnp.bfloat16 and matrix.shape[0] <= POINTWISE_SUM_MAX_INPUTS):
+    return _pointwise_product(x, matrix)
+  block = _pointwise_depth_block(x, matrix)
+  return _map_depth_blocks(
+      lambda index: _pointwise_product(_depth_slices(x, index * block, block), matrix),
+      x.shape[1] // block, x.dtype)
+
+
+def _pointwise_depth_block(x, matrix):
+  """Depth slices per block of a 1x1x1 convolution of x by matrix: POINTWISE_BLOCK_BYTES of
+  the wider of its input and output, counted as float32."""
+  slice_bytes = x.shape[0] * x.shape[2] * x.shape[3] * max(matrix.shape) * 4
+  return _slices_per_block(x.shape[1], slice_bytes, POINTWISE_BLOCK_BYTES)
+
+
 def _float32_product(x, matrix):
   """x (..., in) @ matrix, accumulated and returned in float32."""
   return jnp.einsum('...c,cf->...f', x, matrix, preferred_element_type=jnp.float32)
@@ -741,7 +771,8 @@ def _float32_product(x, matrix):
 
 @jax.custom_vjp
 def _pointwise_conv(x, matrix):
-  return _pointwise_product(x, matrix)
+  """A 1x1x1 convolution; this body runs only where it is not differentiated."""
+  return _blocked_pointwise_product(x, matrix)
 
 
 def _pointwise_forward(x, matrix):
@@ -751,8 +782,7 @@ def _pointwise_forward(x, matrix):
 def _pointwise_backward(residuals, cotangent):
   x, matrix = residuals
   x_gradient = _pointwise_product(cotangent, matrix.T)
-  slice_bytes = x.shape[0] * x.shape[2] * x.shape[3] * max(matrix.shape) * 4
-  block = _slices_per_block(x.shape[1], slice_bytes, POINTWISE_BLOCK_BYTES)
+  block = _pointwise_depth_block(x, matrix)
 
   def add_block(total, index):
     rows, outputs = (_depth_slices(a, index * block, block).reshape(-1, a.shape[-1])

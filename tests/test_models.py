@@ -739,7 +739,9 @@ def test_auto_chooses_per_layer_by_the_size_of_the_depth_stack(monkeypatch):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('block_bytes', [1, None])  # one depth slice per block; all in one
+# One depth slice per block, the products outside training over blocks as for a large map
+# (POINTWISE_MAP_MIN_BYTES); or all in one.
+@pytest.mark.parametrize('block_bytes', [1, None])
 # In bfloat16 few inputs are summed (POINTWISE_SUM_MAX_INPUTS), more multiplied; forward and
 # input gradient take one path each.
 @pytest.mark.parametrize('in_features,out_features', [(6, 7), (12, 5), (13, 11)])
@@ -747,10 +749,16 @@ def test_pointwise_conv_equals_the_matrix_product(monkeypatch, dtype, block_byte
                                                   out_features):
   if block_bytes:
     monkeypatch.setattr(layers, 'POINTWISE_BLOCK_BYTES', block_bytes)
+    monkeypatch.setattr(layers, 'POINTWISE_MAP_MIN_BYTES', 0)
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((2, 5, 3, 4, in_features)), dtype)
   matrix = jnp.asarray(rng.standard_normal((in_features, out_features)), dtype)
   cotangent = jnp.asarray(rng.standard_normal((2, 5, 3, 4, out_features)), dtype)
+  summed = dtype == jnp.bfloat16 and in_features <= layers.POINTWISE_SUM_MAX_INPUTS
+  conv = functools.partial(layers.pointwise_conv, conv_impl='auto')
+  # Blocks outside training only: differentiated, one product (the input is kept anyway).
+  assert len(_equations('scan', conv, x, matrix)) == (1 if block_bytes and not summed else 0)
+  assert not _equations('scan', lambda x, matrix: jax.vjp(conv, x, matrix)[0], x, matrix)
 
   def reference(x, matrix):
     return jnp.einsum('bxyzc,cf->bxyzf', x, matrix)
