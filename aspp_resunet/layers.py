@@ -739,17 +739,21 @@ def _pointwise_product(x, matrix):
   memory-bound: a sum of broadcast products writes the bfloat16 result in one pass (96^3,
   4 -> 64: 85 -> 32 ms; in float32 the product is as fast, 49 vs 59 ms: kept).
   """
-  if x.dtype == jnp.bfloat16 and matrix.shape[0] <= POINTWISE_SUM_MAX_INPUTS:
+  if _sums_pointwise(x, matrix):
     return sum(x[..., c, None].astype(jnp.float32) * matrix[c].astype(jnp.float32)
                for c in range(matrix.shape[0])).astype(x.dtype)
   return _float32_product(x, matrix).astype(x.dtype)
 
 
+def _sums_pointwise(x, matrix):
+  """Whether `_pointwise_product` computes x @ matrix as a sum of broadcast products."""
+  return x.dtype == jnp.bfloat16 and matrix.shape[0] <= POINTWISE_SUM_MAX_INPUTS
+
+
 def _blocked_pointwise_product(x, matrix):
   """`_pointwise_product` over depth blocks for an input of more than POINTWISE_MAP_MIN_BYTES
   (outside training)."""
-  if x.size * 4 <= POINTWISE_MAP_MIN_BYTES or (
-      x.dtype == jnp.bfloat16 and matrix.shape[0] <= POINTWISE_SUM_MAX_INPUTS):
+  if x.size * 4 <= POINTWISE_MAP_MIN_BYTES or _sums_pointwise(x, matrix):
     return _pointwise_product(x, matrix)
   block = _pointwise_depth_block(x, matrix)
   return _map_depth_blocks(

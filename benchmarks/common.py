@@ -133,6 +133,16 @@ class Worker:
     return closing
 
 
+def framework_worker(script, framework, config_flag, *flags):
+  """A `Worker` running benchmark `script` as the worker of `framework` ('jax' or 'torch':
+  `--only=`), with this run's config file (`config_flag`, e.g. FLAGS['config']), its --config.*
+  overrides and `flags`; PyTorch's in `torch_environment()`."""
+  command = [sys.executable, os.path.abspath(script), f'--only={framework}', *flags,
+             f'--config={config_flags.get_config_filename(config_flag)}']
+  command += [f'--config.{k}={v}' for k, v in config_overrides().items()]
+  return Worker(framework, command, torch_environment() if framework == 'torch' else None)
+
+
 def max_rss_gib():
   """Peak RSS of this process image. VmHWM, not getrusage's ru_maxrss: a child started by
   subprocess inherits its parent's ru_maxrss through fork + exec, VmHWM starts afresh."""

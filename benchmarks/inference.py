@@ -115,15 +115,6 @@ def _serve(framework, config, case_dir):
                  lambda: {'max_rss_gib': common.max_rss_gib()})
 
 
-def _worker(framework, case_dir):
-  command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
-             f'--case_dir={case_dir}',
-             f'--config={config_flags.get_config_filename(FLAGS["config"])}']
-  command += [f'--config.{k}={v}' for k, v in common.config_overrides().items()]
-  return common.Worker(framework, command,
-                       common.torch_environment() if framework == 'torch' else None)
-
-
 def main(argv):
   del argv
   host_memory.limit_malloc_arenas()  # as the predict program
@@ -138,7 +129,9 @@ def main(argv):
       synthetic.write_case(data_dir, 0, 0)
       scheme = labels.get_scheme(config.data.scheme)
       case_dir = os.path.join(data_dir, brats.discover_cases(data_dir, scheme)[0].case_id)
-    workers = {framework: _worker(framework, case_dir) for framework in ('jax', 'torch')}
+    workers = {framework: common.framework_worker(__file__, framework, FLAGS['config'],
+                                                  f'--case_dir={case_dir}')
+               for framework in ('jax', 'torch')}
     runs = {framework: [] for framework in workers}
     for _ in range(FLAGS.repeats):  # alternating, so both see the same machine state
       for framework, worker in workers.items():

@@ -146,24 +146,21 @@ def _serve(framework, config, image, label):
                lambda: {'max_rss_gib': common.max_rss_gib()})
 
 
-class _Worker(common.Worker):
+class _Worker:
   """A framework's worker process (`_serve`), started and warmed up by the constructor."""
 
   def __init__(self, framework):
-    command = [sys.executable, os.path.abspath(__file__), f'--only={framework}',
-               f'--dtype={FLAGS.dtype}',
-               f'--config={config_flags.get_config_filename(FLAGS["config"])}']
-    command += [f'--config.{k}={v}' for k, v in common.config_overrides().items()]
-    super().__init__(framework, command,
-                     common.torch_environment() if framework == 'torch' else None)
+    self.worker = common.framework_worker(__file__, framework, FLAGS['config'],
+                                          f'--dtype={FLAGS.dtype}')
+    self.info = self.worker.info
 
   def step(self):
     """Seconds of one timed step."""
-    return self.ask('step')['seconds']
+    return self.worker.ask('step')['seconds']
 
   def finish(self):
     """Peak RSS (GiB) of the worker, which then exits."""
-    return super().finish()['max_rss_gib']
+    return self.worker.finish()['max_rss_gib']
 
 
 def main(argv):
