@@ -20,6 +20,7 @@ from aspp_resunet import models
 from aspp_resunet import report
 from aspp_resunet import stats
 from aspp_resunet import train_lib
+from aspp_resunet import xla_options
 from data_pipelines import brats
 from data_pipelines import input_pipeline
 from data_pipelines import preprocess
@@ -71,7 +72,8 @@ def predictor(model, config):
   return inference.make_predict_fn(
       model.apply, mode=config.eval.mode, window=tuple(config.eval.window or
                                                       config.data.image_size),
-      overlap=config.eval.overlap, mirror=config.eval.mirror)
+      overlap=config.eval.overlap, mirror=config.eval.mirror,
+      compiler_options=xla_options.options(config.model.dtype))
 
 
 def evaluate_split(config, workdir, split='test', which='best', progress=True):

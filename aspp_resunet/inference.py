@@ -69,7 +69,8 @@ def sliding_window_probabilities(logits_fn, images, window, overlap=0.5, mirror=
   return total / norm
 
 
-def make_predict_fn(apply_fn, mode='whole', window=None, overlap=0.5, mirror=False):
+def make_predict_fn(apply_fn, mode='whole', window=None, overlap=0.5, mirror=False,
+                    compiler_options=None):
   """A jitted fn(variables, images) -> (B, X, Y, Z) predicted classes (uint8) and probabilities.
 
   Args:
@@ -79,6 +80,7 @@ def make_predict_fn(apply_fn, mode='whole', window=None, overlap=0.5, mirror=Fal
     window: sliding-window size (spatial).
     overlap: fraction of the window shared by neighbours.
     mirror: average over the 8 mirrored inputs (test-time augmentation).
+    compiler_options: XLA options of the program (`xla_options.options`).
   """
   if mode not in MODES:
     raise ValueError(f'inference mode must be one of {MODES}, got {mode!r}')
@@ -91,4 +93,4 @@ def make_predict_fn(apply_fn, mode='whole', window=None, overlap=0.5, mirror=Fal
       probs = sliding_window_probabilities(logits_fn, images, tuple(window), overlap, mirror)
     return jnp.argmax(probs, axis=-1).astype(jnp.uint8), probs
 
-  return jax.jit(predict)
+  return jax.jit(predict, compiler_options=compiler_options)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from aspp_resunet import losses
 from aspp_resunet import metrics
+from aspp_resunet import xla_options
 
 STEP_MODES = ('auto', 'fused', 'staged')
 # 'auto' on CPU stages the step when the fused program would need more than this share of the
@@ -60,8 +61,9 @@ class StagedTrainStep:
     # pass recomputes it from the block's inputs, which are kept.
     self._recomputed = {value for value, readers in self._readers.items()
                         if readers == [value] and self._segments[value - 1].part == 'first'}
-    self._forward = [jax.jit(functools.partial(self._run, segment))
-                     for segment in self._segments]
+    # Every program of the step compiled with the model's XLA options.
+    jit = functools.partial(jax.jit, compiler_options=xla_options.options(model.dtype))
+    self._forward = [jit(functools.partial(self._run, segment)) for segment in self._segments]
     self._backward = []
     for index, segment in enumerate(self._segments):
       # The partial input gradients (argument 3) are summed into the returned ones, in place.
@@ -70,10 +72,10 @@ class StagedTrainStep:
       # that output buffer; the image, value 0, is the caller's.)
       donate = (3,) + tuple(4 + k for k, value in enumerate(segment.inputs)
                             if value and self._readers[value] == [index])
-      self._backward.append(jax.jit(functools.partial(self._segment_backward, index),
-                                    donate_argnums=donate))
-    self._loss = jax.jit(self._loss_and_cotangent)
-    self._update = jax.jit(_apply_gradients, donate_argnums=(0,), out_shardings=replicated)
+      self._backward.append(jit(functools.partial(self._segment_backward, index),
+                                donate_argnums=donate))
+    self._loss = jit(self._loss_and_cotangent)
+    self._update = jit(_apply_gradients, donate_argnums=(0,), out_shardings=replicated)
 
   def _run(self, segment, params, batch_stats, *inputs):
     """(output, updated batch statistics) of one segment in training mode."""

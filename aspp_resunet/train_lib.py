@@ -26,6 +26,7 @@ from aspp_resunet import losses
 from aspp_resunet import metrics
 from aspp_resunet import models
 from aspp_resunet import staged_step
+from aspp_resunet import xla_options
 from data_pipelines import brats
 from data_pipelines import input_pipeline
 from data_pipelines import synthetic
@@ -123,7 +124,8 @@ def make_train_fn(config, model, replicated, state=None, batch=None):
   compiled fused step fits in FUSED_MEMORY_FRACTION of the available memory, else 'staged'.
   """
   fused = jax.jit(functools.partial(train_step, loss_name=config.train.loss),
-                  donate_argnums=(0,), out_shardings=(replicated, replicated))
+                  donate_argnums=(0,), out_shardings=(replicated, replicated),
+                  compiler_options=xla_options.options(config.model.dtype))
   mode = config.train.get('step_mode', 'fused')
   if mode == 'auto':
     mode = 'fused'
@@ -154,6 +156,12 @@ def eval_step(state, batch):
   predicted = jnp.argmax(logits, axis=-1)
   return {'loss': jnp.mean(per_voxel, axis=(1, 2, 3)),
           'counts': metrics.region_counts(predicted, batch['label'])}
+
+
+def make_eval_fn(config, replicated):
+  """`eval_step` jitted for `config`'s model, its results placed by `replicated`."""
+  return jax.jit(eval_step, out_shardings=replicated,
+                 compiler_options=xla_options.options(config.model.dtype))
 
 
 class _Sharder:
@@ -385,7 +393,7 @@ def train_and_evaluate(config, workdir):
 
   train_fn = make_train_fn(config, model, sharder.replicated, state,
                            sharder.abstract_batch(global_batch, config.data.image_size))
-  eval_fn = jax.jit(eval_step, out_shardings=sharder.replicated)
+  eval_fn = make_eval_fn(config, sharder.replicated)
   last_validation = {}
   max_steps = config.train.max_steps if config.train.max_steps >= 0 else total_steps
   try:
