@@ -1,12 +1,14 @@
-"""Test helpers: small BraTS-layout NIfTI cases written on the fly."""
+"""Test helpers: small BraTS-layout NIfTI cases written on the fly, small training steps."""
 
 import os
 import sys
 
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
 from aspp_resunet import labels as labels_lib
+from configs import test as test_config
 from data_pipelines import synthetic
 
 SMALL_SHAPE = (24, 20, 16)
@@ -73,3 +75,23 @@ def file_of(folder, key, scheme_name='brats2020'):
     if suffix in name:
       return os.path.join(folder, name)
   raise FileNotFoundError(key)
+
+
+def step_config(**model_overrides):
+  """The test config at 16^3 with cross-entropy ('loss', 'image_size' and model fields
+  overridable): for training-step tests."""
+  config = test_config.get_config()
+  config.train.loss = model_overrides.pop('loss', 'ce')
+  config.data.image_size = model_overrides.pop('image_size', (16, 16, 16))
+  for key, value in model_overrides.items():
+    config.model[key] = value
+  return config
+
+
+def random_batch(config, batch_size, seed=0):
+  """A random training batch (image, label, mask) of `config`'s image size."""
+  rng = np.random.default_rng(seed)
+  shape = (batch_size, *config.data.image_size)
+  return {'image': jnp.asarray(rng.normal(size=(*shape, labels_lib.NUM_CHANNELS)), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, labels_lib.NUM_CLASSES, size=shape), jnp.int32),
+          'mask': jnp.ones((batch_size,), jnp.float32)}

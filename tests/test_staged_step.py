@@ -8,24 +8,7 @@ import pytest
 from aspp_resunet import models
 from aspp_resunet import staged_step
 from aspp_resunet import train_lib
-from configs import test as test_config
-
-
-def _config(**model_overrides):
-  config = test_config.get_config()
-  config.train.loss = model_overrides.pop('loss', 'ce')
-  config.data.image_size = model_overrides.pop('image_size', (16, 16, 16))
-  for key, value in model_overrides.items():
-    config.model[key] = value
-  return config
-
-
-def _batch(config, batch_size, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (batch_size, *config.data.image_size)
-  return {'image': jnp.asarray(rng.normal(size=(*shape, 4)), jnp.float32),
-          'label': jnp.asarray(rng.integers(0, 4, size=shape), jnp.int32),
-          'mask': jnp.ones((batch_size,), jnp.float32)}
+from tests import helpers
 
 
 def _both_steps(config, batch_size=1, steps=2):
@@ -41,7 +24,7 @@ def _both_steps(config, batch_size=1, steps=2):
     step_fn = train_lib.make_train_fn(config, model, sharder.replicated)
     outs = []
     for step in range(steps):
-      batch = jax.device_put(_batch(config, batch_size, seed=step), sharder.data)
+      batch = jax.device_put(helpers.random_batch(config, batch_size, seed=step), sharder.data)
       state, out = step_fn(state, batch)
       outs.append(jax.device_get(out))
     results.append((jax.device_get(state), outs))
@@ -64,7 +47,8 @@ def _assert_close_trees(a, b, rtol, atol):
     {'depth': 3, 'image_size': (32, 32, 32), 'remat': True},
 ], ids=['aspp', 'baseline_ce_dice', 'transpose_group_dice', 'depth3_remat'])
 def test_staged_step_equals_fused_step(overrides):
-  (fused_state, fused_out), (staged_state, staged_out) = _both_steps(_config(**overrides))
+  (fused_state, fused_out), (staged_state, staged_out) = _both_steps(
+      helpers.step_config(**overrides))
   for fused, staged in zip(fused_out, staged_out):
     np.testing.assert_allclose(staged['loss'], fused['loss'], rtol=1e-5)
     np.testing.assert_array_equal(staged['counts'], fused['counts'])
@@ -80,10 +64,10 @@ def test_staged_step_equals_fused_step(overrides):
 
 
 def _gradients(dtype, mode):
-  config = _config(dtype=dtype, loss='ce_dice')
+  config = helpers.step_config(dtype=dtype, loss='ce_dice')
   model = models.create_model(config.model)
   state = train_lib.create_train_state(config, model, jax.random.key(1, impl='rbg'))
-  batch = _batch(config, 1)
+  batch = helpers.random_batch(config, 1)
   if mode == 'staged':
     captured = {}
     step = staged_step.StagedTrainStep(model, 'ce_dice', train_lib._Sharder(  # pylint: disable=protected-access
@@ -120,7 +104,7 @@ def test_staged_step_gradients_equal_fused_gradients():
 @pytest.mark.parametrize('overrides', [{}, {'use_aspp': False, 'upsampling': 'transpose'},
                                        {'norm': 'group', 'depth': 3}])
 def test_segments_cover_every_parameter_once(overrides):
-  config = _config(**overrides)
+  config = helpers.step_config(**overrides)
   model = models.create_model(config.model)
   variables = models.abstract_variables(model, config.data.image_size)
   for collection in ('params', 'batch_stats'):
@@ -139,14 +123,14 @@ def _leaf_paths(tree):
 
 
 def test_unknown_step_mode_is_refused(tmp_path):
-  config = _config()
+  config = helpers.step_config()
   config.train.step_mode = 'pipelined'
   with pytest.raises(train_lib.TrainingError, match="train.step_mode must be one of"):
     train_lib.check_config(config)
 
 
 def test_auto_step_mode_stages_only_when_the_fused_step_does_not_fit(monkeypatch):
-  config = _config()
+  config = helpers.step_config()
   config.train.step_mode = 'auto'
   model = models.create_model(config.model)
   sharder = train_lib._Sharder(train_lib.make_mesh())  # pylint: disable=protected-access
@@ -171,7 +155,7 @@ def test_auto_step_mode_stages_only_when_the_fused_step_does_not_fit(monkeypatch
 def test_staged_step_compiles_its_programs_once_whatever_the_initial_placement():
   # A state straight from initialisation (not yet on the mesh) used to have every program
   # compiled again at the second step, for the updated state's sharding.
-  config = _config()
+  config = helpers.step_config()
   model = models.create_model(config.model)
   state = train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'))
   step = staged_step.StagedTrainStep(model, 'ce', train_lib._Sharder(  # pylint: disable=protected-access
@@ -183,7 +167,7 @@ def test_staged_step_compiles_its_programs_once_whatever_the_initial_placement()
     if event == '/jax/core/compile/backend_compile_duration':
       compiles.append(event)
 
-  batch = _batch(config, 1)
+  batch = helpers.random_batch(config, 1)
   state, _ = step(state, batch)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:

@@ -10,7 +10,7 @@ from aspp_resunet import models
 from aspp_resunet import staged_step
 from aspp_resunet import train_lib
 from aspp_resunet import xla_options
-from configs import test as test_config
+from tests import helpers
 
 AVX512_FLAGS = 'flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n'
 AVX2_FLAGS = 'flags\t\t: fpu sse2 avx avx2 fma\n'
@@ -45,24 +45,11 @@ def test_unknown_cpu_features_keep_xla_defaults(tmp_path):
   assert xla_options.options('bfloat16', 'cpu', str(tmp_path / 'missing')) is None
 
 
-def _config(dtype):
-  config = test_config.get_config()
-  config.data.image_size = (16, 16, 16)
-  config.model.dtype = dtype
-  return config
-
-
 def _state_and_batch(config, model, sharder):
   state = jax.device_put(
       train_lib.create_train_state(config, model, jax.random.key(0, impl='rbg'), 10),
       sharder.replicated)
-  rng = np.random.default_rng(0)
-  shape = (1, *config.data.image_size)
-  batch = jax.device_put(
-      {'image': jnp.asarray(rng.normal(size=(*shape, 4)), jnp.float32),
-       'label': jnp.asarray(rng.integers(0, 4, size=shape), jnp.int32),
-       'mask': jnp.ones((1,), jnp.float32)}, sharder.data)
-  return state, batch
+  return state, jax.device_put(helpers.random_batch(config, 1), sharder.data)
 
 
 @pytest.mark.parametrize('program', ['fused', 'staged', 'eval', 'predict'])
@@ -72,7 +59,7 @@ def test_every_model_program_is_compiled_with_the_options(monkeypatch, program):
   monkeypatch.setattr(xla_options, 'options',
                       lambda dtype, *args: asked.append(jnp.dtype(dtype)) or {
                           'xla_cpu_no_such_option_here': 1})
-  config = _config('bfloat16')
+  config = helpers.step_config(dtype='bfloat16')
   model = models.create_model(config.model)
   sharder = train_lib._Sharder(train_lib.make_mesh())  # pylint: disable=protected-access
   state, batch = _state_and_batch(config, model, sharder)
@@ -93,7 +80,7 @@ def test_every_model_program_is_compiled_with_the_options(monkeypatch, program):
 
 
 def test_a_bfloat16_step_compiles_and_runs_with_the_real_options():
-  config = _config('bfloat16')
+  config = helpers.step_config(dtype='bfloat16')
   model = models.create_model(config.model)
   sharder = train_lib._Sharder(train_lib.make_mesh())  # pylint: disable=protected-access
   state, batch = _state_and_batch(config, model, sharder)
