@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aspp_resunet import xla_options
+
 NORMS = ('batch', 'group', 'instance')
 # Keras defaults (the paper's framework): running averages with momentum 0.99, epsilon 1e-3.
 BATCH_NORM_MOMENTUM = 0.99
@@ -196,6 +198,24 @@ FLAT_BLOCK_BYTES = 24 * 2**20
 FLAT_NARROW_FEATURES = 32
 
 
+# On a CPU with AMX (`xla_options.cpu_has_amx`) bfloat16 'flat' products fold the width taps
+# into their columns (`_flat_block_output`) only for maps of at most this many input or output
+# channels. There the products run 4-5x faster than without AMX, and the passes over the 3x
+# wider columns cost more than the 3x more partial outputs that folding saves; narrow maps still
+# gain (their products are small and their partial outputs many per input value). Alone,
+# forward+backward, folded -> not (issue 6 note, session 22): 96^3 x 64 -> 64 1630 -> 1420 ms,
+# 48^3 x 128 -> 128 539 -> 405 ms, 24^3 x 256 -> 256 232 -> 197 ms, 48^3 x 32 -> 32 82 -> 71 ms;
+# 24^3 x 16 -> 16 even (5.1 vs 5.2 ms), 48^3 x 8 -> 8 15 -> 21 ms. Without AMX folding paid or
+# was even at every width (see `_flat_block_output`).
+AMX_FOLD_MAX_CHANNELS = 16
+
+
+def _folds_width_taps(channels, features):
+  """Whether bfloat16 'flat' products of a map of `channels` -> `features` fold the width taps
+  into their columns (AMX_FOLD_MAX_CHANNELS)."""
+  return not (xla_options.cpu_has_amx() and min(channels, features) > AMX_FOLD_MAX_CHANNELS)
+
+
 class _FlatGeometry:
   """Where `_flat_conv` (and `_upsampled_flat_conv`) read: a block of depth slices of the input,
   padded and flattened to rows (depth, height, width), in which every kernel tap is a constant
@@ -350,11 +370,12 @@ def _flat_block_output(x, kernel, geometry):
   channels, against 3 input values of columns), so in bfloat16 they cost more than the wider
   columns: demo bfloat16 step 0.199 -> 0.175 s and 0.201 -> 0.161 s (two A/B runs); at 96^3
   and 64 channels even (step 19.03 vs 18.84 s, peak RSS 6.55 vs 6.61 GiB). Float32 columns
-  are as wide as the partial outputs they save, so float32 does not fold.
+  are as wide as the partial outputs they save, so float32 does not fold. (These figures are
+  from a CPU without AMX; with AMX only narrow maps fold: `_folds_width_taps`.)
   """
   kd, kh, kw, channels, features = kernel.shape
   product_dtype = _product_dtype(x, kernel)
-  if product_dtype == jnp.bfloat16:
+  if product_dtype == jnp.bfloat16 and _folds_width_taps(channels, features):
     width_offsets, partial_offsets = geometry.in_plane_offsets[:kw], geometry.in_plane_offsets[::kw]
     # (kd, kw, in) x (kh, out)
     matrix = jnp.transpose(kernel, (0, 2, 3, 1, 4)).reshape(kd * kw * channels, kh * features)
@@ -1088,7 +1109,8 @@ def _upsampled_flat_block_output(x, kernels, geometry):
     return kernel.reshape(np.prod(kernel.shape[:len(contracted)]), -1)
 
   # (depth parity, width parities, width offsets of the columns, matrix) of each product
-  if product_dtype == jnp.bfloat16:  # (a, c, in) x (q, b, out)
+  if product_dtype == jnp.bfloat16 and _folds_width_taps(*kernels.shape[-2:]):
+    # (a, c, in) x (q, b, out)
     products_to_make = [(p, (r,), (r, r + 1), matrix(kernels[p, :, r], (1, 3, 4)))
                         for p, r in np.ndindex(2, 2)]
   else:  # (a, in) x (q, r, b, c, out)

@@ -15,6 +15,7 @@ import pytest
 from aspp_resunet import aspp
 from aspp_resunet import layers
 from aspp_resunet import models
+from aspp_resunet import xla_options
 from configs import default
 
 REPO = __file__.rsplit('/tests/', 1)[0]
@@ -365,11 +366,13 @@ def test_bfloat16_matches_float32_reference(conv_impl):
 
 
 # 'flat' kernel gradients: one product per tap window (here 8 channels) or the windows joined.
-@pytest.mark.parametrize('conv_impl,window_products', [
-    ('im2col', False), ('flat', True), ('flat', False)])
+# 'flat' with its width taps folded into the columns or not (`layers._folds_width_taps`).
+@pytest.mark.parametrize('conv_impl,window_products,fold', [
+    ('im2col', False, True), ('flat', True, True), ('flat', False, True), ('flat', False, False)])
 @pytest.mark.parametrize('upsampled', [False, True])
 def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
-    monkeypatch, upsampled, conv_impl, window_products):
+    monkeypatch, upsampled, conv_impl, window_products, fold):
+  monkeypatch.setattr(layers, '_folds_width_taps', lambda channels, features: fold)
   if window_products:
     monkeypatch.setattr(layers, 'WINDOW_PRODUCT_MIN_FEATURES', 1)
   # Values and all gradients: summing the column gradients in bfloat16 instead (as the column
@@ -403,10 +406,14 @@ def test_im2col_and_flat_in_bfloat16_are_the_float32_computation_rounded_once(
                                 cotangent)
 
 
-@pytest.mark.parametrize('seed', range(4))
-def test_bfloat16_flat_is_the_float32_convolution_rounded_once_for_any_kernel_shape(seed):
-  # bfloat16 'flat' folds the width taps into its columns (`layers._flat_block_output`):
-  # kernels of any (depth, height, width) size, dilations and uneven paddings.
+@pytest.mark.parametrize('seed,fold', [(0, True), (1, True), (2, True), (3, True),
+                                       (4, False), (5, False)])
+def test_bfloat16_flat_is_the_float32_convolution_rounded_once_for_any_kernel_shape(
+    monkeypatch, seed, fold):
+  # bfloat16 'flat' folds the width taps into its columns (`layers._flat_block_output`) or
+  # not (`layers._folds_width_taps`): kernels of any (depth, height, width) size, dilations
+  # and uneven paddings.
+  monkeypatch.setattr(layers, '_folds_width_taps', lambda channels, features: fold)
   rng = np.random.default_rng(seed)
   kernel_size = tuple(int(k) for k in rng.choice([1, 2, 3, 5], 3))
   dilation = int(rng.integers(1, 3))
@@ -462,22 +469,34 @@ def test_flat_pairs_width_neighbours_of_narrow_bfloat16_inputs_only(
   assert (products[0].invars[1].aval.shape[1] == 3 * 2 * 4) == paired
 
 
-@pytest.mark.parametrize('dtype,contracted', [(jnp.bfloat16, 3 * 3 * 8), (jnp.float32, 3 * 8)])
-def test_flat_folds_the_width_taps_into_bfloat16_products_only(dtype, contracted):
-  x = jnp.ones((1, 6, 6, 6, 8), dtype)
-  kernel = jnp.ones((3, 3, 3, 8, 4), dtype)
+@pytest.mark.parametrize('dtype,channels,amx,folded', [
+    (jnp.bfloat16, 8, False, True), (jnp.float32, 8, False, False),
+    (jnp.bfloat16, 32, False, True),  # without AMX every width folds
+    (jnp.bfloat16, 8, True, True),  # with AMX only narrow maps
+    (jnp.bfloat16, layers.AMX_FOLD_MAX_CHANNELS + 1, True, False)])
+def test_flat_folds_the_width_taps_into_bfloat16_products_only(
+    monkeypatch, dtype, channels, amx, folded):
+  monkeypatch.setattr(xla_options, 'cpu_has_amx', lambda: amx)
+  x = jnp.ones((1, 6, 6, 6, channels), dtype)
+  kernel = jnp.ones((3, 3, 3, channels, channels), dtype)
   products = _equations('dot_general', lambda x, k: layers.conv3d_same(
       x, k, 1, [(1, 1)] * 3, 'flat'), x, kernel)
-  # (depth, width taps, in) x (height taps, out) in bfloat16; (depth, in) x (in-plane, out).
+  # Folded: (depth, width taps, in) x (height taps, out); else (depth, in) x (in-plane, out).
+  contracted = 3 * (3 if folded else 1) * channels
   assert [eqn.invars[1].aval.shape for eqn in products] == [
-      (contracted, 27 * 8 * 4 // contracted)]
+      (contracted, 27 * channels * channels // contracted)]
 
 
-@pytest.mark.parametrize('dtype,shapes', [
-    (jnp.bfloat16, [(2 * 2 * 16, 2 * 2 * 8)] * 4), (jnp.float32, [(2 * 16, 16 * 8)] * 2)])
-def test_upsampled_flat_folds_the_width_taps_into_bfloat16_products_only(dtype, shapes):
-  x = jnp.ones((1, 4, 4, 4, 16), dtype)
-  kernel = jnp.ones((3, 3, 3, 16, 8), dtype)
+@pytest.mark.parametrize('dtype,channels,features,amx,shapes', [
+    (jnp.bfloat16, 16, 8, False, [(2 * 2 * 16, 2 * 2 * 8)] * 4),
+    (jnp.float32, 16, 8, False, [(2 * 16, 16 * 8)] * 2),
+    (jnp.bfloat16, 24, 8, True, [(2 * 2 * 24, 2 * 2 * 8)] * 4),  # 8 output channels: narrow
+    (jnp.bfloat16, 24, 24, True, [(2 * 24, 16 * 24)] * 2)])
+def test_upsampled_flat_folds_the_width_taps_into_bfloat16_products_only(
+    monkeypatch, dtype, channels, features, amx, shapes):
+  monkeypatch.setattr(xla_options, 'cpu_has_amx', lambda: amx)
+  x = jnp.ones((1, 4, 4, 4, channels), dtype)
+  kernel = jnp.ones((3, 3, 3, channels, features), dtype)
   products = _column_products(lambda x, k: layers._upsampled_conv(x, k, 'flat'), x, kernel)  # pylint: disable=protected-access
   # bfloat16: per depth and width parity (depth taps, width taps, in) x (height parity,
   # height taps, out); float32: per depth parity (depth taps, in) x (in-plane phases, taps, out).

@@ -40,8 +40,17 @@ def test_other_programs_keep_xla_defaults(tmp_path, dtype, backend, flags_line):
   assert xla_options.options(dtype, backend, cpu_info) is None
 
 
+def test_amx_is_read_from_the_cpu_flags(tmp_path):
+  amx = _cpu_info(tmp_path, 'amx', AVX512_FLAGS.rstrip() + ' amx_bf16 amx_tile\n')
+  assert xla_options.cpu_has_amx(amx)
+  assert not xla_options.cpu_has_amx(_cpu_info(tmp_path, 'avx512', AVX512_FLAGS))
+  # A flag's name inside another's does not count.
+  assert not xla_options.cpu_has_amx(_cpu_info(tmp_path, 'tile', 'flags\t: amx_bf16x amx_tile\n'))
+
+
 def test_unknown_cpu_features_keep_xla_defaults(tmp_path):
   assert not xla_options.cpu_has_avx512(str(tmp_path / 'missing'))
+  assert not xla_options.cpu_has_amx(str(tmp_path / 'missing'))
   assert xla_options.options('bfloat16', 'cpu', str(tmp_path / 'missing')) is None
 
 
