@@ -1176,9 +1176,10 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape, dtype):
   geometry = _upsampled_geometry(coarse_shape, 4, channels)
   product_dtype = _product_dtype(phases)
   depth_taps = list(np.ndindex(2, 2))  # (p, a)
-  matrices = {(q, r): jnp.concatenate([  # (p, a, out) x (b, c, in)
-      jnp.transpose(kernels[p, q, r, a].astype(product_dtype), (3, 0, 1, 2)).reshape(
-          features, 4 * channels) for p, a in depth_taps]) for q, r in np.ndindex(2, 2)}
+  # (b, c, in) x (p, a, out), multiplied transposed: the kernels' channels stay as they lie
+  # (moving the minor axis copies value by value, as in `_flat_block_output`'s `swapped`).
+  matrices = {(q, r): jnp.stack([kernels[p, q, r, a] for p, a in depth_taps], axis=3).astype(
+      product_dtype).reshape(4 * channels, 4 * features) for q, r in np.ndindex(2, 2)}
 
   def block_output(index):
     total = 0
@@ -1186,9 +1187,10 @@ def _upsampled_flat_input_gradient(phases, kernels, coarse_shape, dtype):
       rows = [geometry.rows(phases[p, q, r], index, _column_dtype(product_dtype))
               for p in (0, 1)]
       columns = _join_channels([geometry.window(rows[p], 2 - p - a) for p, a in depth_taps])
-      products = jnp.dot(_operand(columns), matrices[q, r],
-                         preferred_element_type=jnp.float32).reshape(
-          coarse_shape[0], geometry.length, 2, 2, channels)
+      products = jax.lax.dot_general(
+          _operand(columns), matrices[q, r], (((2,), (1,)), ((), ())),
+          preferred_element_type=jnp.float32).reshape(
+              coarse_shape[0], geometry.length, 2, 2, channels)
       for b, c in np.ndindex(2, 2):
         offset = geometry.in_plane_offset(2 - q - b, 2 - r - c)
         total = total + products[:, offset:offset + geometry.block_rows, b, c]
