@@ -19,13 +19,19 @@ CPU_INFO_FILE = '/proc/cpuinfo'
 
 
 @functools.cache
-def cpu_has(flag, cpu_info_file=CPU_INFO_FILE):
-  """Whether this (Linux) host's CPU reports `flag` in /proc/cpuinfo; False where unknown."""
+def _cpu_flags(cpu_info_file):
+  """The feature flags this (Linux) host's CPU reports; none where that is unknown."""
   try:
     with open(cpu_info_file) as stream:
-      return any(line.startswith('flags') and flag in line.split() for line in stream)
+      return frozenset(flag for line in stream if line.startswith('flags')
+                       for flag in line.split(':', 1)[-1].split())
   except OSError:
-    return False
+    return frozenset()
+
+
+def cpu_has(flag, cpu_info_file=CPU_INFO_FILE):
+  """Whether the host CPU reports `flag` in /proc/cpuinfo; False where unknown."""
+  return flag in _cpu_flags(cpu_info_file)
 
 
 def cpu_has_avx512(cpu_info_file=CPU_INFO_FILE):
